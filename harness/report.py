@@ -327,7 +327,10 @@ def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table
         bench = TASK_BENCHMARK.get(c.task)
         by_key.setdefault((bench.name if bench else c.task, c.model), []).append(c)
     tables = []
-    for (bench_name, model), group in sorted(by_key.items(), key=lambda kv: (kv[0][0] not in BENCHMARKS, kv[0])):
+    order = list(BENCHMARKS)
+    for (bench_name, model), group in sorted(
+        by_key.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0])
+    ):
         bench = BENCHMARKS.get(bench_name)
         tasks = {c.task for c in group}
         if bench:
@@ -378,7 +381,7 @@ def cell_text(table: Table, cell: Cell | None, metric: str) -> str:
     text = fmt(stat.mean)
     if stat.std is not None:
         text += f" ± {fmt(stat.std)}"
-    if stat.n and stat.n < table.max_seeds:
+    if 1 < stat.n < table.max_seeds:  # a single value already shows by its missing ± std
         text += f" (n={stat.n})"
     if cell.partial:
         text += "*"
@@ -393,7 +396,7 @@ def _metric_header(table: Table, metric: str) -> str:
 def _seed_line(table: Table) -> str:
     seeds = sorted({s for c in table.cells.values() for s in c.seeds})
     if table.max_seeds > 1:
-        return f"mean ± sample std over seeds {','.join(map(str, seeds))}"
+        return f"mean ± sample std over seeds {','.join(map(str, seeds))} (a value without ± comes from one seed)"
     return f"seed {','.join(map(str, seeds))}"
 
 
@@ -688,8 +691,12 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
     colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(methods)}
     markers = ["o", "s", "^", "D", "v", "P"]
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.2), squeeze=False)
-    for ax, t in zip(axes[0], panels):
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.8 * ncols + 1.6, 5.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, t in zip(axes.flat, panels):
         xm, ym, logy = axes_spec[t.benchmark]
         split_marker = {task: markers[i % len(markers)] for i, (task, _) in enumerate(t.splits)}
         off_scale = []
@@ -733,6 +740,8 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                             markersize=10, markeredgewidth=1.5)
         if logy:
             ax.set_yscale("log")
+            # Forget quality is a p-value: nothing lies above 1, only error bars would stretch the axis.
+            ax.set_ylim(top=10.0)
         ax.set_xlabel(f"{xm} (higher is better)")
         ax.set_ylabel(f"{ym} ({'log scale, ' if logy else ''}{'higher' if logy else 'lower'} is better)")
         title = f"{t.title} · {t.model}"
@@ -748,10 +757,10 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                    label=split)
             for task, split in t.splits
         ]
-        ax.add_artist(ax.legend(handles=split_handles, title="split", loc="upper left", fontsize=8))
+        ax.add_artist(ax.legend(handles=split_handles, title="split", loc="best", fontsize=8))
     method_handles = [Line2D([], [], linestyle="none", marker="o", color=colours[d], label=d) for d in methods]
     fig.legend(handles=method_handles, title="method", loc="center right", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (6.4 * len(panels) + 1.4), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (6.8 * ncols + 1.6), 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Render to memory first so an interrupted run never leaves a truncated PNG.
