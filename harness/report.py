@@ -149,7 +149,9 @@ def load_runs(results: Path, model: str | None = None) -> list[RunScores]:
     """Every scores.json under `results`; `model` is a comma-separated list of fnmatch patterns."""
     results = Path(results)
     if not results.is_dir():
-        raise HarnessError(f"results folder {results} does not exist; pass the -o/--output folder of `harness run`")
+        raise HarnessError(
+            f"results folder {results} does not exist; pass the -o/--output folder of `harness run`"
+        )
     runs = [_read_scores(p) for p in sorted(results.rglob("scores.json"))]
     if not runs:
         raise HarnessError(f"no scores.json under {results}; run `harness run ... -o {results}` first")
@@ -441,7 +443,9 @@ def comparison_rows(table: Table, published: dict, published_model: str) -> list
 def _notes(tables: list[Table], compare: bool) -> list[str]:
     notes = []
     if any(c.partial for t in tables for c in t.cells.values()):
-        notes.append("`*` partial result (--limit, or an interrupted evaluation): not comparable with the published numbers.")
+        notes.append(
+            "`*` partial result (--limit, or an interrupted evaluation): not comparable with the published numbers."
+        )
     for t in tables:
         for c in sorted(t.cells.values(), key=lambda c: (c.task, c.method)):
             if c.other_configs:
@@ -477,7 +481,9 @@ def render_markdown(tables: list[Table], published: dict | None) -> str:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         for display in t.rows:
-            row = [display] + [cell_text(t, t.cells.get((display, task)), m) for task, _ in t.splits for m in t.metrics]
+            row = [display] + [
+                cell_text(t, t.cells.get((display, task)), m) for task, _ in t.splits for m in t.metrics
+            ]
             out.append("| " + " | ".join(row) + " |")
         out.append("")
         if published is not None:
@@ -534,7 +540,9 @@ def render_html(tables: list[Table], published: dict | None) -> str:
         out.append("</tr>")
         for display in t.rows:
             tds = "".join(
-                f"<td>{e(cell_text(t, t.cells.get((display, task)), m))}</td>" for task, _ in t.splits for m in t.metrics
+                f"<td>{e(cell_text(t, t.cells.get((display, task)), m))}</td>"
+                for task, _ in t.splits
+                for m in t.metrics
             )
             out.append(f"<tr><td>{e(display)}</td>{tds}</tr>")
         out.append("</table>")
@@ -620,7 +628,8 @@ def render_csv(tables: list[Table], published: dict | None) -> str:
                             writer.writerow(base + ["", "", "", ""])
                         else:
                             writer.writerow(
-                                base + [pub_model, fmt(r["published"]), fmt_diff(m, r["diff"]), r["diff_kind"]]
+                                base
+                                + [pub_model, fmt(r["published"]), fmt_diff(m, r["diff"]), r["diff_kind"]]
                             )
     return buf.getvalue()
 
@@ -661,7 +670,8 @@ def to_json(tables: list[Table], published: dict | None) -> dict:
         if published is not None:
             for pub_model in t.compare_with:
                 entry["comparison"][pub_model] = [
-                    {k: v for k, v in r.items() if k != "ours_text"} for r in comparison_rows(t, published, pub_model)
+                    {k: v for k, v in r.items() if k != "ours_text"}
+                    for r in comparison_rows(t, published, pub_model)
                 ]
         out["tables"].append(entry)
     return out
@@ -694,7 +704,7 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
     ncols = min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.8 * ncols + 1.6, 5.4 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, t in zip(axes.flat, panels):
         xm, ym, logy = axes_spec[t.benchmark]
@@ -736,8 +746,15 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                     py = published.get((t.benchmark, pub_model, display, split, ym))
                     if px is None or py is None or (logy and py <= 0):
                         continue
-                    ax.plot(px, py, split_marker[task], markerfacecolor="none", markeredgecolor=colours[display],
-                            markersize=10, markeredgewidth=1.5)
+                    ax.plot(
+                        px,
+                        py,
+                        split_marker[task],
+                        markerfacecolor="none",
+                        markeredgecolor=colours[display],
+                        markersize=10,
+                        markeredgewidth=1.5,
+                    )
         if logy:
             ax.set_yscale("log")
             # Forget quality is a p-value: nothing lies above 1, only error bars would stretch the axis.
@@ -750,15 +767,30 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
         ax.set_title(title)
         ax.grid(True, which="major", alpha=0.3)
         if off_scale:
-            ax.text(0.01, 0.01, f"{ym} = 0, not drawn: {', '.join(off_scale)}", transform=ax.transAxes,
-                    fontsize=7, va="bottom")
+            ax.text(
+                0.01,
+                0.01,
+                f"{ym} = 0, not drawn: {', '.join(off_scale)}",
+                transform=ax.transAxes,
+                fontsize=7,
+                va="bottom",
+            )
         split_handles = [
-            Line2D([], [], linestyle="none", marker=split_marker[task], color="grey", markeredgecolor="black",
-                   label=split)
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker=split_marker[task],
+                color="grey",
+                markeredgecolor="black",
+                label=split,
+            )
             for task, split in t.splits
         ]
         ax.add_artist(ax.legend(handles=split_handles, title="split", loc="best", fontsize=8))
-    method_handles = [Line2D([], [], linestyle="none", marker="o", color=colours[d], label=d) for d in methods]
+    method_handles = [
+        Line2D([], [], linestyle="none", marker="o", color=colours[d], label=d) for d in methods
+    ]
     fig.legend(handles=method_handles, title="method", loc="center right", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (6.8 * ncols + 1.6), 1))
     path = Path(path)
