@@ -8,7 +8,7 @@ from pathlib import Path
 from harness import HarnessError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+          "float16": "float16", "fp16": "float16", "auto": "auto"}
 
 
 def resolve_path(name_or_dir: str) -> str:
@@ -52,7 +52,7 @@ def load_model(name_or_dir: str, *, dtype: str = "float32", trust_remote_code: b
         raise HarnessError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
     name = resolve_path(name_or_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, DTYPES[dtype]),
+        model = AutoModelForCausalLM.from_pretrained(name, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]),
                                                      trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise _explain(name, exc) from None

@@ -1,0 +1,158 @@
+"""Command line: argparse only; each verb's work lives in the module named for it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from harness import HarnessError, __version__
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-tasks", action="append", default=[], metavar="DIR", help="extra task YAML directory (repeatable)")
+    p.add_argument("--plugins-dir", action="append", default=[], metavar="DIR", help="load loose plugin .py files from DIR (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model profile name (harness ls models), hub id or local directory")
+    p.add_argument("--template", default=None, metavar="FILE", help="YAML with open-unlearning template_args (for hub ids / directories)")
+    p.add_argument("--reference", default=None, metavar="DIR|LOG",
+                   help="retain model dir/id or *_EVAL.json / *_SUMMARY.json log; with several tasks it must contain {task} or {split}")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="local copies of dataset splits as <name>/<split>.jsonl")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint (off by default)")
+    p.add_argument("--max-length", type=int, default=None, help="override the task's max sequence length")
+    p.add_argument("--attention-mask", choices=["reference", "corrected"], default="reference",
+                   help="reference: attention_mask = ids != pad as the published numbers (pad = eos hides eos tokens); corrected: mask padding only")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="harness", description="Unlearn LLMs and measure what they forgot and kept.")
+    ap.add_argument("--version", action="version", version=f"unlearn-harness {__version__}")
+    sub = ap.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("ls", help="list tasks, methods, metrics, models, plugins")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "tasks", "methods", "metrics", "models", "plugins"])
+    p.add_argument("pattern", nargs="?", default="*")
+    _common(p)
+
+    p = sub.add_parser("validate", help="load every plugin and task strictly and report problems")
+    p.add_argument("-t", "--tasks", default="*")
+    _common(p)
+
+    p = sub.add_parser("run", help="unlearn and score: task x method x seed")
+    p.add_argument("-t", "--tasks", required=True, help="names, fnmatch patterns or tags, comma separated")
+    p.add_argument("-m", "--methods", required=True, help="method names, comma separated")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE", help="method hyper-parameter override (repeatable)")
+    p.add_argument("--seeds", default="0", help="comma separated seeds")
+    p.add_argument("-o", "--output", default="results")
+    p.add_argument("--accelerate", default=None, metavar="single|ddp|zero3|FILE", help="re-launch under accelerate with a bundled or given config")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="effective (global) training batch size")
+    p.add_argument("--per-device-batch", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=32, help="scoring batch size")
+    p.add_argument("--optimizer", default=None, help="e.g. paged_adamw_32bit (default from the task), adamw_torch")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-model", action="store_true", help="save the unlearned model as a HF checkpoint in the run directory")
+    p.add_argument("--no-cache-reference", action="store_true", help="recompute reference log-probs every step instead of caching them")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded grid with resolved configs and exit")
+    p.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
+    p.add_argument("--shard", default=None, metavar="i/n", help="run only cells i, i+n, ... of the grid (0-based)")
+    _model_args(p)
+    _common(p)
+
+    p = sub.add_parser("eval", help="score a checkpoint on tasks")
+    p.add_argument("-t", "--tasks", required=True)
+    p.add_argument("-o", "--output", default="results")
+    p.add_argument("--name", default="eval", help="row name in results and reports (e.g. finetuned, retain)")
+    p.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
+    p.add_argument("--overwrite", action="store_true")
+    _model_args(p)
+    _common(p)
+
+    p = sub.add_parser("finetune", help="finetune a base model on a TOFU split (builds target / retain models)")
+    p.add_argument("--model", required=True, help="base model: hub id, directory or profile")
+    p.add_argument("--split", default="full", help="TOFU split to train on: full, retain99, retain95, retain90")
+    p.add_argument("-o", "--output", required=True, help="directory for the finetuned checkpoint")
+    p.add_argument("--template", default=None)
+    p.add_argument("--epochs", type=float, default=5)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--per-device-batch", type=int, default=4)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--optimizer", default="paged_adamw_32bit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerate", default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    _common(p)
+
+    p = sub.add_parser("report", help="tables in the published layout, comparison and plots")
+    p.add_argument("results", nargs="?", default="results")
+    p.add_argument("--format", choices=["md", "csv", "html", "json"], default="md")
+    p.add_argument("--compare", nargs="?", const="published", default=None, metavar="CSV",
+                   help="compare with the published numbers (shipped) or a CSV in the same layout")
+    p.add_argument("--plot", default=None, metavar="FILE.png")
+    p.add_argument("--output", "-o", default=None, metavar="FILE")
+    p.add_argument("--model", default=None, help="only this model's results")
+    _common(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.verb:
+        ap.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(message)s" if not getattr(args, "verbose", False) else "%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "deepspeed", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not _has_cuda_hint():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator probe
+    try:
+        if args.verb in ("ls", "validate"):
+            from harness import listing
+
+            return listing.main(args) or 0
+        if args.verb == "run":
+            from harness import runner
+
+            return runner.main(args) or 0
+        if args.verb == "eval":
+            from harness import evaluation
+
+            return evaluation.main(args) or 0
+        if args.verb == "finetune":
+            from harness import train
+
+            return train.finetune_main(args) or 0
+        if args.verb == "report":
+            from harness import report
+
+            return report.main(args) or 0
+    except HarnessError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _has_cuda_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``harness ls`` and ``harness validate``."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+from harness import HarnessError
+from harness.plugins import build_registry, get_registry
+from harness.profiles import get_profiles
+
+
+def _rows(title: str, rows: list[tuple], header: tuple) -> str:
+    if not rows:
+        return f"{title}: (none)\n"
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [f"{title}:", "  " + fmt.format(*header)] + ["  " + fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render(what: str, pattern: str, reg) -> str:
+    m = lambda name, *extra: fnmatch.fnmatchcase(name, pattern) or any(fnmatch.fnmatchcase(e, pattern) for e in extra)  # noqa: E731
+    out = []
+    if what in ("all", "tasks"):
+        rows = [(t.name, ",".join(t.tag), t.version, reg.sources[("tasks", t.name)], t.description)
+                for t in sorted(reg.tasks.values(), key=lambda t: t.name) if m(t.name, *t.tag)]
+        out.append(_rows("tasks", rows, ("name", "tags", "version", "from", "description")))
+    if what in ("all", "methods"):
+        rows = []
+        for name, cls in sorted(reg.methods.items()):
+            if not m(name):
+                continue
+            hp = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+            src = reg.sources[("methods", name)]
+            info = next((p for p in reg.plugins if p.name == src), None)
+            dist = f"{info.dist} {info.version}" if info and info.dist and info.version else (info.dist if info and info.dist else src)
+            rows.append((name, cls.display_name or name, "yes" if cls.needs_reference else "no", dist, hp))
+        out.append(_rows("methods", rows, ("name", "display", "reference", "from", "hyper-parameters")))
+    if what in ("all", "metrics"):
+        rows = [(n, mt.better, "yes" if mt.needs_reference else "no", mt.version, mt.description)
+                for n, mt in sorted(reg.metrics.items()) if m(n)]
+        out.append(_rows("metrics", rows, ("name", "better", "reference", "version", "description")))
+    if what in ("all", "models"):
+        rows = [(p.name, p.dtype, p.tokenizer or "(own)", ",".join(sorted(p.tasks)), p.description)
+                for p in get_profiles().values() if m(p.name)]
+        out.append(_rows("models", rows, ("name", "dtype", "tokenizer", "tasks", "description")))
+    if what in ("all", "plugins"):
+        rows = [(p.name, p.source, f"{p.dist or '-'} {p.version or ''}".strip(), p.status,
+                 p.error or f"{len(p.provides)} registered") for p in reg.plugins if m(p.name)]
+        out.append(_rows("plugins", rows, ("name", "source", "distribution", "status", "detail")))
+    return "\n".join(out)
+
+
+def main(args) -> int:
+    if args.verb == "ls":
+        reg = get_registry(plugins_dirs=args.plugins_dir, include_tasks=args.include_tasks)
+        print(render(args.what, args.pattern, reg), end="")
+        return 0
+    # validate: strict loading, every task's metrics known, profile entries point at known tasks
+    reg = build_registry(plugins_dirs=args.plugins_dir, include_tasks=args.include_tasks, strict=True)
+    from harness.tasks import select, suggest
+
+    problems = []
+    names = select(args.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag)
+    for name in names:
+        t = reg.tasks[name]
+        for metric, _ in t.metrics:
+            if metric not in reg.metrics:
+                problems.append(f"{t.file}: metric '{metric}' is not registered{suggest(metric, reg.metrics)}")
+    for prof in get_profiles().values():
+        for tname in prof.tasks:
+            if tname not in reg.tasks:
+                problems.append(f"registry.yaml: models.{prof.name}.tasks: unknown task '{tname}'{suggest(tname, reg.tasks)}")
+    for p in problems:
+        print(f"problem: {p}")
+    if problems:
+        raise HarnessError(f"{len(problems)} problem(s) found")
+    print(f"ok: {len(names)} task(s), {len(reg.methods)} method(s), {len(reg.metrics)} metric(s), "
+          f"{len(reg.plugins)} plugin(s), {len(get_profiles())} model profile(s)")
+    return 0

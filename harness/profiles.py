@@ -1,0 +1,150 @@
+"""Model profiles (registry.yaml ``models:``) and resolving ``--model``/``--template``/``--reference``
+into what one task needs: start checkpoint, tokenizer, template, dtype, reference."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from harness import HarnessError
+from harness.formatting import Template
+from harness.io import read_yaml
+from harness.paths import bundled_dir
+from harness.tasks import Task, suggest
+
+PROFILE_KEYS = ("description", "tokenizer", "dtype", "template", "training", "tasks")
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str = ""
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"
+    template: Template = field(default_factory=Template)
+    training: dict = field(default_factory=dict)
+    tasks: dict[str, dict] = field(default_factory=dict)
+
+
+@cache
+def get_profiles() -> dict[str, Profile]:
+    from harness.plugins import read_registry_file
+
+    out = {}
+    for name, d in (read_registry_file().get("models") or {}).items():
+        for k in d:
+            if k not in PROFILE_KEYS:
+                raise HarnessError(f"registry.yaml: models.{name}: unknown key '{k}'{suggest(k, PROFILE_KEYS)}")
+        out[name] = Profile(name=name, description=d.get("description", ""), tokenizer=d.get("tokenizer"),
+                            dtype=d.get("dtype", "bfloat16"),
+                            template=Template.from_dict(d.get("template"), source=f"registry.yaml models.{name}.template"),
+                            training=dict(d.get("training") or {}), tasks=dict(d.get("tasks") or {}))
+    return out
+
+
+@dataclass
+class ModelChoice:
+    """What a task runs on: resolved from a profile, or from a hub id / directory plus flags."""
+
+    label: str                  # directory name under results/
+    start: str                  # checkpoint: hub id, directory or tiny:<kind>
+    tokenizer: str              # tokenizer source
+    template: Template | None   # None: decide from the tokenizer (chat template or error)
+    dtype: str
+    reference: str | None       # *_EVAL.json / *_SUMMARY.json log, or a retain model id/dir
+    training: dict = field(default_factory=dict)
+    profile: str | None = None
+
+    def to_config(self) -> dict:
+        return {"label": self.label, "start": self.start, "tokenizer": self.tokenizer, "dtype": self.dtype,
+                "template": self.template.to_dict() if self.template else None,
+                "reference": self.reference, "profile": self.profile}
+
+
+def task_split(task: Task) -> str:
+    """``{split}`` placeholder value: tofu_forget01 -> forget01, muse_news -> news."""
+    return task.name.split("_", 1)[1] if "_" in task.name else task.name
+
+
+def format_reference(ref: str, task: Task) -> str:
+    return ref.replace("{task}", task.name).replace("{split}", task_split(task))
+
+
+def check_reference_placeholder(reference: str | None, n_tasks: int) -> None:
+    if reference and n_tasks > 1 and "{task}" not in reference and "{split}" not in reference:
+        raise HarnessError(f"--reference {reference!r} is used for {n_tasks} tasks: include {{task}} or {{split}} "
+                           "(e.g. logs/{split}/TOFU_EVAL.json) so each task gets its own reference")
+
+
+def load_template_file(path: str) -> Template:
+    p = Path(path)
+    if not p.is_file():
+        raise HarnessError(f"--template {path}: file not found")
+    doc = read_yaml(p) or {}
+    if not isinstance(doc, dict):
+        raise HarnessError(f"--template {path}: must be a mapping of template_args keys")
+    doc = doc.get("template_args", doc)
+    return Template.from_dict(doc, source=f"--template {path}")
+
+
+def _label_for(model: str) -> str:
+    p = Path(model)
+    if p.exists():
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", p.resolve().name) or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", model)
+
+
+def resolve_model(model: str | None, task: Task, *, template_file: str | None = None,
+                  reference: str | None = None) -> ModelChoice:
+    profiles = get_profiles()
+    model = model or task.model or "tiny"
+    template = load_template_file(template_file) if template_file else None
+    if model in profiles:
+        prof = profiles[model]
+        entry = prof.tasks.get(task.name)
+        if entry is None:
+            raise HarnessError(f"model profile '{model}' has no entry for task '{task.name}' "
+                               f"(it covers {', '.join(sorted(prof.tasks)) or 'no tasks'}); "
+                               "pass a checkpoint with --model DIR|HUB_ID and --reference")
+        ref = reference or task.reference or _profile_reference(entry)
+        start = entry["start"]
+        return ModelChoice(label=model, start=start, tokenizer=prof.tokenizer or start,
+                           template=template or prof.template, dtype=prof.dtype,
+                           reference=format_reference(ref, task) if ref else None,
+                           training=dict(prof.training), profile=model)
+    if model.startswith("tiny:"):
+        return ModelChoice(label=model.replace(":", "_"), start=model, tokenizer=model,
+                           template=template or get_profiles()["tiny"].template, dtype="float32",
+                           reference=format_reference(reference, task) if reference else task.reference,
+                           training=dict(profiles["tiny"].training))
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().exists():
+        raise HarnessError(f"--model {model}: no such directory")
+    if not looks_local and model.count("/") != 1:
+        raise HarnessError(f"unknown model '{model}'{suggest(model, profiles)}: not a profile "
+                           f"({', '.join(profiles)}), a directory, or a hub id of the form org/name")
+    return ModelChoice(label=_label_for(model), start=str(Path(model).expanduser()) if looks_local else model,
+                       tokenizer=str(Path(model).expanduser()) if looks_local else model,
+                       template=template, dtype="bfloat16" if not looks_local else "auto",
+                       reference=format_reference(reference, task) if reference else task.reference)
+
+
+def _profile_reference(entry: dict) -> str | None:
+    log = entry.get("reference_log")
+    if log:
+        p = bundled_dir() / log
+        if p.is_file():
+            return str(p)
+    return entry.get("reference_model")
+
+
+def finalize_template(choice: ModelChoice, tokenizer) -> Template:
+    """A checkpoint without a profile uses its tokenizer's chat template unless --template is given."""
+    if choice.template is not None:
+        return choice.template
+    if getattr(tokenizer, "chat_template", None):
+        return Template(apply_chat_template=True)
+    raise HarnessError(f"model '{choice.start}' has no chat template and no profile: pass --template FILE "
+                       "(YAML with user_start_tag, user_end_tag, asst_start_tag, asst_end_tag, ...)")

@@ -1,0 +1,211 @@
+"""The embedded default: a tiny Llama-architecture model the harness builds itself.
+
+Everything derives deterministically from a seed and the bundled text: a byte-level BPE
+tokenizer trained on the bundled TOFU (and MUSE-News) text, a randomly initialised Llama model,
+then finetuned checkpoints. To stay within minutes on CPU the retain model is trained first and
+the target continues it on ``full`` (the retain model never sees the forget split). Every
+checkpoint is cached under ``$HARNESS_HOME/tiny/<size>-<fingerprint>/<kind>`` and built lazily,
+only when a task needs it. ``HARNESS_TINY_SIZE=test`` selects the sub-1M-parameter test build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness import HarnessError
+from harness.formatting import Template
+from harness.io import config_hash, read_jsonl, write_json
+from harness.paths import bundled_dir, harness_home
+
+log = logging.getLogger("harness")
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+TINY_TEMPLATE = Template(apply_chat_template=False, user_start_tag="<|user|>", user_end_tag="",
+                         asst_start_tag="<|assistant|>", asst_end_tag="\n")
+BUILD_VERSION = 1  # bump when the recipe changes: invalidates cached tiny models
+
+
+@dataclass(frozen=True)
+class TinySize:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    retain_rows: int | None  # None = the whole split
+    retain_epochs: int
+    full_epochs: int
+    lr: float
+    batch: int
+    seed: int = 0
+
+
+SIZES = {
+    "default": TinySize(vocab=4096, hidden=192, layers=4, heads=4, ffn=512, retain_rows=None,
+                        retain_epochs=3, full_epochs=3, lr=2e-3, batch=16),
+    "test": TinySize(vocab=512, hidden=64, layers=2, heads=2, ffn=160, retain_rows=160,
+                     retain_epochs=1, full_epochs=1, lr=3e-3, batch=16),
+}
+
+
+def current_size(size: str | None = None) -> str:
+    size = size or os.environ.get("HARNESS_TINY_SIZE") or "default"
+    if size not in SIZES:
+        raise HarnessError(f"HARNESS_TINY_SIZE={size!r}: valid sizes are {', '.join(SIZES)}")
+    return size
+
+
+def _tofu(name: str) -> list[dict]:
+    return read_jsonl(bundled_dir() / "tofu" / f"{name}.jsonl")
+
+
+def _corpus() -> list[str]:
+    """Text the tokenizer learns from: every bundled TOFU string plus the MUSE-News QA/verbmem text."""
+    texts = []
+    for f in sorted((bundled_dir() / "tofu").glob("*.jsonl")):
+        if f.name == "idk.jsonl":
+            texts += f.read_text(encoding="utf-8").splitlines()
+            continue
+        for row in read_jsonl(f):
+            for v in row.values():
+                texts += v if isinstance(v, list) else [v]
+    for sub in ("knowmem", "verbmem", "privleak"):
+        for f in sorted((bundled_dir() / "muse_news" / sub).glob("*.jsonl")):
+            for row in read_jsonl(f):
+                texts += [v for v in row.values() if isinstance(v, str)]
+    return [t for t in texts if isinstance(t, str) and t]
+
+
+def build_tokenizer(size: TinySize):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size.vocab, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=["<|user|>", "<|assistant|>"])
+
+
+def build_base_model(size: TinySize, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(size.seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.ffn,
+                      num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                      num_key_value_heads=size.heads, max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def root(size: str | None = None) -> Path:
+    name = current_size(size)
+    fp = config_hash({"v": BUILD_VERSION, **asdict(SIZES[name])})
+    return harness_home() / "tiny" / f"{name}-{fp}"
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _complete(d: Path) -> bool:
+    return (d / ".complete").is_file() and (d / "config.json").is_file()
+
+
+def _qa_items(tokenizer, rows: list[dict]) -> list[dict]:
+    from harness.formatting import encode_qa
+
+    return [encode_qa(tokenizer, TINY_TEMPLATE, r["question"], r["answer"]) for r in rows]
+
+
+def _retain_rows(split: str, size: TinySize) -> list[dict]:
+    rows = _tofu(split)
+    return rows if size.retain_rows is None else rows[: size.retain_rows]
+
+
+def _finetune(model, tokenizer, rows, epochs: int, size: TinySize, desc: str):
+    from harness.train import TrainConfig, finetune
+
+    cfg = TrainConfig(epochs=epochs, lr=size.lr, batch_size=size.batch, per_device_batch=size.batch,
+                      warmup_epochs=0.0, weight_decay=0.01, schedule="linear", optimizer="adamw_torch",
+                      seed=size.seed)
+    return finetune(model, tokenizer, _qa_items(tokenizer, rows), cfg, desc=desc)
+
+
+def _recipe(kind: str, size: TinySize) -> tuple[str | None, list[dict] | None, int]:
+    """(parent kind, training rows, epochs) for each TOFU kind."""
+    if kind in ("retain99", "retain95", "retain90"):
+        return "base", _retain_rows(kind, size), size.retain_epochs
+    if kind == "full":
+        # continue the retain99 model on full (test size: the retain subset plus forget10, which
+        # contains forget01/05, so every split has a target that saw its forget set)
+        rows = _tofu("full") if size.retain_rows is None else _retain_rows("retain99", size) + _tofu("forget10")
+        return "retain99", rows, size.full_epochs
+    raise HarnessError(f"unknown tiny model kind '{kind}'; valid: base, full, retain99, retain95, retain90"
+                       + "".join(f", {k}" for k in EXTRA_KINDS))
+
+
+# Other benchmarks (e.g. MUSE) add builders here: kind -> fn(size: TinySize, parent_dir_fn) -> (model, tokenizer)
+EXTRA_KINDS: dict = {}
+
+
+def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
+    """Directory of the tiny checkpoint ``kind`` (HF format, tokenizer included), built if missing."""
+    size_name = current_size(size)
+    spec = SIZES[size_name]
+    base = root(size_name)
+    out = base / kind
+    if _complete(out):
+        return out
+    with _lock(base / f".{kind}.lock"):
+        if _complete(out):
+            return out
+        if out.exists():
+            log.warning("tiny model cache %s is incomplete or corrupt: rebuilding it", out)
+            shutil.rmtree(out)
+        import torch
+
+        from harness.modeling import load_model, load_tokenizer
+
+        if kind == "base":
+            log.info("building tiny tokenizer and base model (%s size)", size_name)
+            tok = build_tokenizer(spec)
+            model = build_base_model(spec, tok)
+        elif kind in EXTRA_KINDS:
+            model, tok = EXTRA_KINDS[kind](spec, lambda k: tiny_model_dir(k, size=size_name))
+        else:
+            parent, rows, epochs = _recipe(kind, spec)
+            pdir = tiny_model_dir(parent, size=size_name)
+            tok = load_tokenizer(str(pdir))
+            model = load_model(str(pdir))
+            torch.manual_seed(spec.seed)
+            log.info("finetuning tiny '%s' from '%s' on %d rows for %d epoch(s)", kind, parent, len(rows), epochs)
+            model = _finetune(model, tok, rows, epochs, spec, desc=f"tiny {kind}")
+        tmp = base / f".{kind}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / ".complete", {"kind": kind, "size": size_name, **asdict(spec)})
+        os.replace(tmp, out)
+    return out
