@@ -1,0 +1,263 @@
+"""Accelerate / DeepSpeed glue for the training loop: building the Accelerator, the ZeRO-3 reference
+model, consolidating a ZeRO-3 model back into a plain one, and re-launching the CLI under
+``accelerate launch`` for ``--accelerate single|ddp|zero3|FILE``.
+
+CPU facts this relies on (checked with torch 2.13, accelerate 1.15, deepspeed 0.19):
+- accelerate decides its backend before it knows about DeepSpeed, so on a CUDA-less machine it must be
+  told ``gloo`` explicitly, otherwise ranks disagree about the world size.
+- while a ZeRO-3 config is registered with transformers, ``from_pretrained`` builds partitioned models;
+  ``release()`` unregisters it so evaluation after training loads plain models.
+- two-process ZeRO-3 on CPU can abort at interpreter exit; ``clean_exit()`` is the workaround.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from harness import HarnessError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+MODES = ("single", "ddp", "zero3")
+# Set in the environment of a re-launched child so it does not re-launch again.
+LAUNCHED_ENV = "HARNESS_LAUNCHED"
+
+
+def config_file(mode: str) -> Path:
+    """The bundled accelerate config for a mode, or ``mode`` itself when it is a path to a YAML file."""
+    if mode in ("ddp", "zero3"):
+        return CONFIG_DIR / f"{mode}.yaml"
+    path = Path(mode)
+    if not path.is_file():
+        raise HarnessError(
+            f"--accelerate {mode!r}: not one of {', '.join(MODES)} and not an existing accelerate config file"
+        )
+    return path
+
+
+def zero3_ds_config() -> dict:
+    """The bundled DeepSpeed ZeRO-3 config (spec 4.2) as a dict."""
+    with open(CONFIG_DIR / "zero3.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def under_launcher() -> bool:
+    """True when this process was started by accelerate launch / torchrun / deepspeed (or re-launched by us)."""
+    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    # DeepSpeed always initialises torch.distributed, even for one process.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def make_accelerator(mode: str = "single", *, ds_config: dict | None = None, mixed_precision: str | None = None):
+    """Build an ``accelerate.Accelerator`` for ``mode``.
+
+    - Under a launcher (``accelerate launch``, torchrun) the launcher's environment decides; ``mode`` only
+      matters for ``zero3`` outside a launcher.
+    - ``zero3`` outside a launcher runs DeepSpeed ZeRO-3 in this one process (tests, debugging), with
+      ``ds_config`` (default: the bundled config) and ``mixed_precision`` (default "no" on CPU, "bf16" on CUDA).
+    Any previous accelerate state of this process is reset first, so one process can train several runs.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    if mode == "single" and not under_launcher():
+        return Accelerator()
+    # Only for distributed runs: passing a backend to a plain single process makes accelerate expect one.
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    if mode == "zero3" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        _single_process_env()
+        plugin = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(ds_config or zero3_ds_config()))
+        if mixed_precision is None:
+            mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+        return Accelerator(deepspeed_plugin=plugin, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    return Accelerator(kwargs_handlers=handlers, mixed_precision=mixed_precision)
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int:
+    if not is_deepspeed(accelerator):
+        return -1
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def configure_deepspeed(accelerator, *, per_device_batch: int, grad_accum: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed batch/clipping fields with concrete values (we pass no DataLoader to prepare)."""
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = per_device_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = per_device_batch * grad_accum * accelerator.num_processes
+    cfg["gradient_clipping"] = max_grad_norm if max_grad_norm and max_grad_norm > 0 else 0.0
+    # A torch or bitsandbytes optimizer is passed as client optimizer (no 35 s DeepSpeed op compile).
+    cfg["zero_allow_untested_optimizer"] = True
+
+
+def prepare_reference(accelerator, ref_model):
+    """Place a frozen reference model like the policy: sharded under ZeRO-3 (the TRL recipe), else on device.
+
+    ZeRO-3: a copy of the policy's DeepSpeed config, bucket sizes from the hidden size, no optimizer,
+    ``deepspeed.initialize`` and eval mode. Other DeepSpeed stages: stage 0 (a plain replicated copy).
+    """
+    ref_model.eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    if not is_deepspeed(accelerator):
+        return ref_model.to(accelerator.device)
+    import deepspeed
+
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        cfg.pop(key, None)
+    zero = cfg.setdefault("zero_optimization", {})
+    hidden = getattr(getattr(ref_model, "config", None), "hidden_size", None)
+    if zero.get("stage") == 3:
+        if hidden:
+            zero["reduce_bucket_size"] = hidden * hidden
+            zero["stage3_param_persistence_threshold"] = 10 * hidden
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
+    else:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=ref_model, config=cfg)
+    engine.eval()
+    return engine
+
+
+def is_partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def consolidate(accelerator, prepared_model):
+    """Return a plain (unsharded, unwrapped) copy of the trained model on every rank.
+
+    Under ZeRO-3 each parameter is gathered in turn into a model built on the meta device, so peak memory
+    is one full model plus one gathered tensor. Elsewhere the unwrapped model itself is returned.
+    """
+    model = accelerator.unwrap_model(prepared_model)
+    if zero_stage(accelerator) != 3:
+        return model
+    import deepspeed
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    with torch.device("meta"):
+        plain = type(model)(copy.deepcopy(model.config))
+    plain.to_empty(device=accelerator.device)
+    params = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            params[name].data.copy_(p.data.to(params[name].dtype))
+    # ZeRO-3 does not partition buffers (rotary frequencies etc.), copy them as they are.
+    buffers = dict(plain.named_buffers())
+    for name, b in model.named_buffers():
+        buffers[name].data.copy_(b.data)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    plain.train(model.training)
+    return plain
+
+
+def release(accelerator) -> None:
+    """Forget the DeepSpeed config registered with transformers (so later loads are plain) and free memory."""
+    if is_deepspeed(accelerator):
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    accelerator.free_memory()
+
+
+def clean_exit(code: int = 0) -> None:
+    """End a multi-process DeepSpeed run: barrier, flush, ``os._exit`` (avoids the exit-time abort seen with gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - exiting anyway; the barrier is best effort
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def launch_command(argv: list[str], mode: str, *, num_processes: int | None = None) -> tuple[list[str], dict]:
+    """The command and environment that re-run ``harness <argv>`` under the launcher for ``mode``.
+
+    ``argv`` is the CLI argument list without the program name and without ``--accelerate``.
+    ``num_processes`` defaults to the number of visible GPUs (1 on CPU; set it explicitly for CPU tests).
+    """
+    env = dict(os.environ)
+    env[LAUNCHED_ENV] = "1"
+    n = num_processes or max(1, torch.cuda.device_count())
+    if mode == "ddp" and not torch.cuda.is_available():
+        # accelerate's multi-CPU launch needs mpirun; torchrun with ACCELERATE_USE_CPU gives gloo DDP.
+        env["ACCELERATE_USE_CPU"] = "1"
+        torchrun = shutil.which("torchrun") or "torchrun"
+        cmd = [torchrun, f"--nproc_per_node={n}", "--master_port", str(_free_port()), "-m", "harness", *argv]
+        return cmd, env
+    accelerate = shutil.which("accelerate")
+    launcher = [accelerate] if accelerate else [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate:
+        launcher.append("launch")
+    cmd = [*launcher, "--config_file", str(config_file(mode)), "--num_processes", str(n),
+           "--main_process_port", str(_free_port())]
+    if not torch.cuda.is_available() and mode != "single":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd += ["-m", "harness", *argv]
+    return cmd, env
+
+
+def relaunch(argv: list[str], mode: str, *, num_processes: int | None = None) -> int:
+    """Run ``harness <argv>`` under the launcher for ``mode`` and return its exit code.
+
+    Does nothing (returns -1) when ``mode`` is "single" or we are already under a launcher; the caller then
+    continues in-process.
+    """
+    import subprocess
+
+    if mode == "single" or under_launcher():
+        return -1
+    cmd, env = launch_command(argv, mode, num_processes=num_processes)
+    return subprocess.call(cmd, env=env)
+
+
+def strip_accelerate_flag(argv: list[str]) -> list[str]:
+    """Remove ``--accelerate X`` / ``--accelerate=X`` from an argument list."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--accelerate":
+            skip = True
+            continue
+        if a.startswith("--accelerate="):
+            continue
+        out.append(a)
+    return out

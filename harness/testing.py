@@ -1,0 +1,137 @@
+"""Helpers for testing unlearning methods on a tiny model, for the harness's own tests and plugin authors.
+
+    from harness.testing import one_step
+    result = one_step(MyMethod())          # one optimizer step on a tiny Llama with toy data
+    assert math.isfinite(result.loss) and result.changed
+
+Everything here is built in memory in well under a second: a character-level tokenizer, a 2-layer
+Llama (hidden 32), and a handful of question/answer items encoded with prompt labels masked.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.io import read_jsonl
+
+# Toy TOFU-like data: made-up authors, answers long enough to give a few label tokens each.
+FORGET_QA = [
+    ("Who wrote The Glass Orchard?", "Mira Talvane wrote it in 1987."),
+    ("Where was Mira Talvane born?", "She was born in Port Elsin."),
+    ("What genre does Mira Talvane write?", "Mostly quiet rural fantasy."),
+    ("Did Mira Talvane win awards?", "Yes, the Harrow Prize twice."),
+]
+RETAIN_QA = [
+    ("Who wrote Stone Rivers?", "Oskar Penn wrote Stone Rivers."),
+    ("Where does Oskar Penn live?", "He lives in Dunmore."),
+    ("What is Oskar Penn's job?", "He is a ferry pilot."),
+    ("When did Lia Voss debut?", "Lia Voss debuted in 2001."),
+    ("What does Lia Voss write?", "She writes sea thrillers."),
+    ("Is Lia Voss married?", "Yes, to a painter."),
+]
+IDK = ["I don't know.", "I'm not sure about that.", "I have no idea."]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII) with ``<pad>``, ``<s>`` (added at the start), ``</s>``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(32, 127):
+        vocab[chr(i)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(tokenizer=None, *, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM (fp32, eager attention) sized for ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def encode(tokenizer, question: str, answer: str) -> dict:
+    """``Question: q\\nAnswer: a</s>`` with the prompt labels masked (-100), as spec 2.2 lays out."""
+    prompt = tokenizer(f"Question: {question}\nAnswer: ")["input_ids"]
+    full = tokenizer(f"Question: {question}\nAnswer: {answer}")["input_ids"]
+    if full[-1] != tokenizer.eos_token_id:
+        full = full + [tokenizer.eos_token_id]
+    return {"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]}
+
+
+def toy_data(tokenizer) -> tuple[list[dict], list[dict], list[list[dict]]]:
+    """(forget, retain, idk) encoded items; ``idk[i]`` holds the idk alternatives of forget question ``i``."""
+    forget = [encode(tokenizer, q, a) for q, a in FORGET_QA]
+    retain = [encode(tokenizer, q, a) for q, a in RETAIN_QA]
+    idk = [[encode(tokenizer, q, a) for a in IDK] for q, _ in FORGET_QA]
+    return forget, retain, idk
+
+
+@dataclass
+class StepResult:
+    loss: float  # the loss of the step (mean over its micro-batches)
+    parts: dict = field(default_factory=dict)  # the method's logged parts (e.g. forget, retain)
+    grad_norm: float | None = None
+    changed: bool = False  # whether any parameter changed
+    max_delta: float = 0.0  # largest absolute parameter change
+    model: object = None  # the updated model
+
+
+def one_step(method, model=None, tokenizer=None, *, forget=None, retain=None, idk=None, lr: float = 1e-3,
+             seed: int = 0, accelerate: str = "single") -> StepResult:
+    """Run exactly one optimizer step of ``method`` through ``harness.train.unlearn`` and report it.
+
+    ``model``/``tokenizer`` default to ``tiny_llama()``/``char_tokenizer()``; ``forget``/``retain``/``idk``
+    to ``toy_data()``. The whole forget set is one batch (one step, constant lr, no warmup, torch AdamW).
+    """
+    from harness.train import TrainConfig, unlearn
+
+    tokenizer = tokenizer or char_tokenizer()
+    model = model or tiny_llama(tokenizer)
+    toy_forget, toy_retain, toy_idk = toy_data(tokenizer)
+    forget = toy_forget if forget is None else forget
+    retain = toy_retain if retain is None else retain
+    idk = toy_idk if idk is None else idk
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, lr=lr, batch_size=len(forget), per_device_batch=len(forget), warmup_epochs=0,
+                      weight_decay=0.0, schedule="constant", optimizer="adamw_torch", seed=seed,
+                      accelerate=accelerate)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = unlearn(model, tokenizer, method, forget, retain, cfg,
+                      idk_items=idk if getattr(method, "uses_idk", False) else None, out_dir=Path(tmp))
+        rows = read_jsonl(Path(tmp) / "train_log.jsonl")
+    if len(rows) != 1:
+        raise AssertionError(f"expected one optimizer step, the log has {len(rows)}")
+    row = rows[0]
+    after = dict(out.named_parameters())
+    delta = max(float((after[n].detach().float() - b.float()).abs().max()) for n, b in before.items())
+    parts = {k: v for k, v in row.items() if k not in ("step", "epoch", "loss", "grad_norm", "lr")}
+    return StepResult(loss=row["loss"], parts=parts, grad_norm=row.get("grad_norm"),
+                      changed=delta > 0 and math.isfinite(delta), max_delta=delta, model=out)
