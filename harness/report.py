@@ -277,11 +277,13 @@ def load_published(source: Path | None = None) -> dict[tuple[str, str, str, str,
 def published_model_names(model: str, benchmark: str, published: dict) -> list[str]:
     """The published model(s) a results model is compared with.
 
-    Profiles map by name; a hub id or folder containing a published name maps to it (longest match);
+    The same name matches first; profiles map by name; a hub id or folder containing a published name maps to it (longest match);
     anything else (the embedded `tiny` model) is shown against every published model of the
     benchmark, for orientation only.
     """
     names = sorted({k[1] for k in published if k[0] == benchmark})
+    if model in names:  # e.g. a results CSV of ours used as the comparison
+        return [model]
     if model in PUBLISHED_MODELS:
         return [PUBLISHED_MODELS[model]] if PUBLISHED_MODELS[model] in names else []
     contained = [n for n in names if n.lower() in model.lower()]
