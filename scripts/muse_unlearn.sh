@@ -67,9 +67,10 @@ if [[ -n "$SHARD" ]]; then
   SHARD_N="${BASH_REMATCH[2]}"
 fi
 
-# The harness command: $HARNESS if set, the console script if installed, else the module.
+# The harness command: $HARNESS if set (shell words, e.g. "python -m harness"), the console script
+# if installed, else the module.
 if [[ -n "${HARNESS:-}" ]]; then
-  read -r -a HARNESS_CMD <<<"$HARNESS"
+  eval "HARNESS_CMD=($HARNESS)"
 elif command -v harness >/dev/null 2>&1; then
   HARNESS_CMD=(harness)
 else
