@@ -1,0 +1,72 @@
+"""Run directories: content-addressed by the resolved config, resumable, safe to share.
+
+``<output>/<model>/<task>/<method>/<hash8>-s<seed>/``; ``scores.json`` is written last, so its
+presence marks a finished run. A per-run lock keeps two processes off the same cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import __version__
+from harness.io import config_hash, write_yaml
+
+
+def run_dir(output, model: str, task: str, method: str, config: dict, seed: int) -> Path:
+    return Path(output) / model / task / method / f"{config_hash(config)}-s{seed}"
+
+
+def is_complete(d: Path) -> bool:
+    p = Path(d) / "scores.json"
+    if not p.is_file():
+        return False
+    try:
+        json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def claim(d: Path):
+    """Exclusive claim on a run directory; yields False when another process holds it."""
+    d.mkdir(parents=True, exist_ok=True)
+    fh = open(d / ".lock", "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        fh.close()
+
+
+def provenance() -> dict:
+    """Versions and the command line, recorded in config.yaml (not part of the hash)."""
+    import importlib.metadata as md
+
+    versions = {"harness": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "accelerate", "deepspeed", "bitsandbytes", "datasets", "scipy", "rouge-score"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    sha = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"versions": versions, "git_sha": sha, "command": sys.argv}
+
+
+def write_config(d: Path, config: dict, extra: dict | None = None) -> None:
+    write_yaml(d / "config.yaml", {**config, **(extra or {}), **provenance()})

@@ -1,0 +1,47 @@
+"""Test environment: offline, CPU, test-size tiny models in a per-session HARNESS_HOME."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  DS_ACCELERATOR="cpu", HARNESS_TINY_SIZE="test", HARNESS_STRICT_PLUGINS="1",
+                  TOKENIZERS_PARALLELISM="false")
+os.environ.setdefault("HARNESS_HOME", tempfile.mkdtemp(prefix="harness-test-home-"))
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_full_dir():
+    from harness.tiny import tiny_model_dir
+
+    return tiny_model_dir("full")
+
+
+@pytest.fixture(scope="session")
+def tiny_retain99_dir():
+    from harness.tiny import tiny_model_dir
+
+    return tiny_model_dir("retain99")
+
+
+def run_cli(*argv, check=True):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(map(str, argv)))
+    if check and rc != 0:
+        raise AssertionError(f"harness {' '.join(map(str, argv))} -> {rc}\n{out.getvalue()}\n{err.getvalue()}")
+    return rc, out.getvalue(), err.getvalue()
+
+
+sys.modules.setdefault("harness_test_helpers", sys.modules[__name__])

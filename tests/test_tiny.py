@@ -1,0 +1,33 @@
+"""The embedded tiny model: deterministic from its seed, cached, rebuilt when the cache is corrupt."""
+
+import shutil
+
+import torch
+
+from harness import tiny
+from harness.modeling import load_model
+
+
+def test_same_seed_same_weights(tmp_path, monkeypatch):
+    a = tiny.tiny_model_dir("retain99")
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path))
+    b = tiny.tiny_model_dir("retain99")
+    assert a != b
+    ma, mb = load_model(str(a)), load_model(str(b))
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    n = sum(p.numel() for p in ma.parameters())
+    assert 50_000 < n < 1_000_000
+    assert (a.parent / "base" / "tokenizer.json").read_bytes() == (b.parent / "base" / "tokenizer.json").read_bytes()
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path))
+    d = tiny.tiny_model_dir("base")
+    (d / ".complete").unlink()
+    (d / "model.safetensors").write_bytes(b"garbage")
+    d2 = tiny.tiny_model_dir("base")
+    assert d2 == d and (d / ".complete").is_file()
+    load_model(str(d2))
+    shutil.rmtree(tmp_path / "tiny")
