@@ -32,7 +32,8 @@ import torch
 
 from harness import HarnessError
 from harness import distributed as dist_utils
-from harness.losses import IGNORE, forward_logits, sequence_logprob, token_mean_nll
+from harness.formatting import collate as fmt_collate
+from harness.losses import forward_logits, sequence_logprob, token_mean_nll
 
 SCHEDULES = ("linear", "constant")
 OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch", "adamw_32bit")
@@ -102,31 +103,12 @@ def plan(cfg: TrainConfig, n_examples: int, world_size: int) -> dict[str, int]:
 
 
 def collate(items: Sequence[dict], pad_id: int, mask: str = "pad_eq") -> dict[str, torch.Tensor]:
-    """Right-pad encoded items (spec 2.5): ids with ``pad_id``, labels with -100, int ``index``/``alt`` kept.
+    """Right-pad encoded items with ``harness.formatting.collate`` (spec 2.5), keeping ``index`` and ``alt``.
 
     ``mask="pad_eq"`` gives ``attention_mask = input_ids != pad_id`` (the reference collator, which also
     hides real tokens equal to pad); ``"length"`` masks only the padding.
     """
-    try:
-        from harness.formatting import collate as fmt_collate
-    except ImportError:
-        fmt_collate = None
-    if fmt_collate is not None:
-        out = fmt_collate(items, pad_id, side="right", mask=mask)
-    else:
-        width = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-        lengths = torch.zeros((len(items), width), dtype=torch.bool)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = torch.as_tensor(it["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(it["labels"], dtype=torch.long)
-            lengths[row, :n] = True
-        out = {"input_ids": ids, "labels": labels}
-        out["attention_mask"] = (ids != pad_id).long() if mask == "pad_eq" else lengths.long()
-        if "index" in items[0]:
-            out["index"] = torch.as_tensor([int(it["index"]) for it in items], dtype=torch.long)
+    out = fmt_collate(list(items), pad_id, side="right", mask=mask)
     if "alt" in items[0]:
         out["alt"] = torch.as_tensor([int(it["alt"]) for it in items], dtype=torch.long)
     return out

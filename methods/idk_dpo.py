@@ -1,0 +1,46 @@
+"""IdkDPO (spec section 3): DPO with an "I don't know" answer preferred over the original forget answer.
+
+forget = -(2/beta) mean_i logsigmoid(beta * ((log pi(idk) - log pi_ref(idk)) - (log pi(y) - log pi_ref(y))))
+(the reference code's 2/beta factor); sequence log-probs are sums over answer tokens. Core draws one idk
+answer per forget example at each access; reference log-probs are memoised per (example, idk answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from harness import HarnessError, hookimpl
+from harness.losses import dpo_loss, forward_logits, kl_retain, sequence_logprob, token_mean_nll
+from harness.methods import Method
+
+
+@dataclass
+class IdkDPO(Method):
+    name: ClassVar[str] = "idk_dpo"
+    display_name: ClassVar[str] = "IdkDPO"
+    needs_reference: ClassVar[bool] = True
+    uses_idk: ClassVar[bool] = True
+    beta: float = 0.1
+    alpha: float = 1.0
+    gamma: float = 1.0
+    retain_loss_type: str = "NLL"
+
+    def __post_init__(self):
+        if self.retain_loss_type not in ("NLL", "KL"):
+            raise HarnessError(f"idk_dpo.retain_loss_type must be NLL or KL, got {self.retain_loss_type!r}")
+        self.reference_logprobs_only = self.retain_loss_type == "NLL"
+
+    def loss(self, model, batch, ref):
+        f, w, r = batch["forget"], batch["idk"], batch["retain"]
+        lose = sequence_logprob(forward_logits(model, f), f["labels"])
+        win = sequence_logprob(forward_logits(model, w), w["labels"])
+        forget = dpo_loss(win, ref.sequence_logprob(w, "idk"), lose, ref.sequence_logprob(f, "forget"), self.beta)
+        logits = forward_logits(model, r)
+        retain = kl_retain(logits, ref.logits(r)) if self.retain_loss_type == "KL" else token_mean_nll(logits, r["labels"])
+        return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
+
+
+@hookimpl
+def register_methods(register):
+    register(IdkDPO)

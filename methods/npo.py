@@ -1,0 +1,44 @@
+"""NPO (spec section 3): -(2/beta) mean_i logsigmoid(-beta * (log pi(y_i|x_i) - log pi_ref(y_i|x_i))).
+
+Sequence log-probs are sums over the answer tokens (eos included); the reference is the frozen start
+model, whose forget-set log-probs core computes once and reuses. Retain term: NLL (or KL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from harness import HarnessError, hookimpl
+from harness.losses import forward_logits, kl_retain, npo_loss, sequence_logprob, token_mean_nll
+from harness.methods import Method
+
+
+@dataclass
+class NPO(Method):
+    name: ClassVar[str] = "npo"
+    display_name: ClassVar[str] = "NPO"
+    needs_reference: ClassVar[bool] = True
+    beta: float = 0.1
+    alpha: float = 1.0
+    gamma: float = 1.0
+    retain_loss_type: str = "NLL"
+
+    def __post_init__(self):
+        if self.retain_loss_type not in ("NLL", "KL"):
+            raise HarnessError(f"npo.retain_loss_type must be NLL or KL, got {self.retain_loss_type!r}")
+        # With an NLL retain term only cached reference log-probs are needed, not the live model.
+        self.reference_logprobs_only = self.retain_loss_type == "NLL"
+
+    def loss(self, model, batch, ref):
+        f, r = batch["forget"], batch["retain"]
+        logp = sequence_logprob(forward_logits(model, f), f["labels"])
+        forget = npo_loss(logp, ref.sequence_logprob(f, "forget"), self.beta)
+        logits = forward_logits(model, r)
+        retain = kl_retain(logits, ref.logits(r)) if self.retain_loss_type == "KL" else token_mean_nll(logits, r["labels"])
+        return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
+
+
+@hookimpl
+def register_methods(register):
+    register(NPO)
