@@ -105,9 +105,17 @@ def _read_scores(path: Path) -> RunScores:
         raise HarnessError(f"{path}: not readable JSON ({exc}); delete the run folder and rerun it") from exc
     if not isinstance(data, dict):
         raise HarnessError(f"{path}: expected a JSON object with task/method/model/metrics")
-    for key in ("task", "method", "model", "metrics"):
-        if key not in data:
-            raise HarnessError(f"{path}: field '{key}' is missing; is this a scores.json written by harness?")
+    if not isinstance(data.get("metrics"), dict):
+        raise HarnessError(f"{path}: field 'metrics' is missing; is this a scores.json written by harness?")
+    # Fields the file lacks come from its place in <model>/<task>/<method>/<hash8>-s<seed>/.
+    parts = path.parent.parts
+    for key, depth in (("method", 2), ("task", 3), ("model", 4)):
+        if not data.get(key):
+            if len(parts) < depth:
+                raise HarnessError(
+                    f"{path}: field '{key}' is missing and the folder is not <model>/<task>/<method>/<run>"
+                )
+            data[key] = parts[-depth]
     m = _RUN_DIR.match(path.parent.name)
     seed = data.get("seed")
     if seed is None:

@@ -171,6 +171,25 @@ def test_aggregate_skips_null_values_and_counts_them():
     assert report.aggregate([None]).mean is None
 
 
+def test_fields_missing_from_scores_json_come_from_the_run_folder(tmp_path):
+    """`harness eval` writes no method or seed: the layout <model>/<task>/<method>/<hash8>-s<seed> has them."""
+    d = tmp_path / "llama2-7b-chat" / "tofu_forget05" / "retain" / "feedbeef-s3"
+    d.mkdir(parents=True)
+    (d / "scores.json").write_text(
+        json.dumps(
+            {"task": "tofu_forget05", "model": "llama2-7b-chat", "metrics": {"model_utility": {"value": 0.6}}}
+        )
+    )
+    (run,) = report.load_runs(tmp_path)
+    assert (run.method, run.display, run.seed, run.config, run.partial) == (
+        "retain",
+        "Retain",
+        3,
+        "feedbeef",
+        False,
+    )
+
+
 def test_null_metric_value_shows_na(tmp_path):
     write_run(tmp_path, "m", "tofu_forget01", "npo", 0, tofu(None, 0.5, 0.6))
     rows = md_table(render(tmp_path), "## TOFU · m")
