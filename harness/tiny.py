@@ -47,8 +47,8 @@ class TinySize:
 
 
 SIZES = {
-    "default": TinySize(vocab=4096, hidden=192, layers=4, heads=4, ffn=512, retain_rows=None,
-                        retain_epochs=3, full_epochs=3, lr=2e-3, batch=16),
+    "default": TinySize(vocab=4096, hidden=128, layers=2, heads=4, ffn=344, retain_rows=None,
+                        retain_epochs=3, full_epochs=3, lr=2e-3, batch=32),
     "test": TinySize(vocab=512, hidden=64, layers=2, heads=2, ffn=160, retain_rows=160,
                      retain_epochs=1, full_epochs=1, lr=3e-3, batch=16),
 }
