@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import importlib.util
-import os
-import sys
 import logging
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -220,12 +221,15 @@ def build_registry(*, plugins_dirs=(), include_tasks=(), strict: bool | None = N
     loader.load(PluginInfo("builtin:tasks", "builtin", "unlearn-harness"), lambda: _task_dir_plugin(task_dirs))
     if entry_points:
         allow = os.environ.get("HARNESS_PLUGINS")
-        allowed = None if allow is None else {a.strip() for a in allow.split(",") if a.strip()}
+        allowed = None if allow is None else {_norm(a) for a in allow.split(",") if a.strip()}
         for ep in sorted(md.entry_points(group=PROJECT), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist else None
-            if allowed is not None and dist not in allowed and ep.name not in allowed:
-                continue
             info = PluginInfo(ep.name, "entrypoint", dist, ep.dist.version if ep.dist else None)
+            if allowed is not None and _norm(dist or "") not in allowed and _norm(ep.name) not in allowed:
+                # listed (not loaded) so `harness ls plugins` shows why an installed plugin is absent
+                info.status, info.error = "disabled", f"not in HARNESS_PLUGINS={allow!r}"
+                loader.reg.plugins.append(info)
+                continue
             loader.load(info, ep.load)
     for d in plugins_dirs:
         d = Path(d)
@@ -239,6 +243,11 @@ def build_registry(*, plugins_dirs=(), include_tasks=(), strict: bool | None = N
     if include_tasks:
         loader.load(PluginInfo("--include-tasks", "include-tasks"), lambda: _task_dir_plugin([Path(d) for d in include_tasks]))
     return loader.register_all()
+
+
+def _norm(name: str) -> str:
+    """Distribution names compare as pip does (PEP 503): case, '-', '_' and '.' do not matter."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
 _CACHE: dict[tuple, Registry] = {}
