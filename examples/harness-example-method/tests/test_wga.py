@@ -2,15 +2,14 @@
 
 import math
 
+import harness_example_method
 import torch
 import torch.nn.functional as F
+from harness_example_method import WGA
 
 from harness.formatting import collate
 from harness.plugins import build_registry
 from harness.testing import char_tokenizer, one_step, tiny_llama, toy_data
-
-import harness_example_method
-from harness_example_method import WGA
 
 
 def _batch(tok):
