@@ -22,8 +22,17 @@ def resolve_path(name_or_dir: str) -> str:
 
 def _explain(name: str, exc: Exception) -> HarnessError:
     local = Path(name).exists()
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "trust_remote_code" in str(exc):
+        return HarnessError(f"{name} contains custom model code, which runs only when you allow it: "
+                            "pass --trust-remote-code if you trust its source")
     if local:
-        return HarnessError(f"cannot load model/tokenizer from {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        from harness.paths import harness_home
+
+        if Path(name).resolve().is_relative_to(harness_home().resolve()):
+            return HarnessError(f"the cached model {name} is corrupt ({type(exc).__name__}: {first}); "
+                                "delete that directory and rerun to rebuild it")
+        return HarnessError(f"cannot load model/tokenizer from {name}: {type(exc).__name__}: {first}")
     hint = " (the hub is offline: HF_HUB_OFFLINE=1 or no network; pass a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return HarnessError(f"cannot load '{name}'{hint}: {str(exc).splitlines()[0]}")
 
@@ -60,3 +69,40 @@ def load_model(name_or_dir: str, *, dtype: str = "float32", trust_remote_code: b
         model.to(device)
     model.eval()
     return model
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the checkpoint was built for (``max_position_embeddings`` / ``n_positions``)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_checkpoint(model, tokenizer, name: str) -> None:
+    """A tokenizer that can emit ids past the model's embedding table would crash mid-run with an
+    index error; say so up front, naming both sizes."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None:
+        return
+    ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None]
+    needed = max([len(tokenizer), *(i + 1 for i in ids)])
+    if needed > rows:
+        raise HarnessError(f"{name}: the tokenizer has {needed} token ids but the model's embedding has {rows} rows "
+                           "(tokenizer and weights do not belong together); use the checkpoint's own tokenizer")
+
+
+def check_lengths(model, lengths: list[int], name: str, *, what: str) -> None:
+    """Rows longer than the checkpoint's context would run on positions it never saw (or crash)."""
+    ctx = context_length(model)
+    if ctx is None or not lengths:
+        return
+    long = [i for i, n in enumerate(lengths) if n > ctx]
+    if long:
+        shown = ", ".join(map(str, long[:5])) + (f" and {len(long) - 5} more" if len(long) > 5 else "")
+        raise HarnessError(f"{name} has a context of {ctx} tokens but {len(long)} row(s) of {what} are longer "
+                           f"(rows {shown}; up to {max(lengths)} tokens): pass --max-length {ctx - 1} to truncate them "
+                           "(the end-of-sequence token is appended after truncation)")
