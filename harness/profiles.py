@@ -3,6 +3,7 @@ into what one task needs: start checkpoint, tokenizer, template, dtype, referenc
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -13,6 +14,8 @@ from harness.formatting import Template
 from harness.io import read_yaml
 from harness.paths import bundled_dir
 from harness.tasks import Task, suggest
+
+log = logging.getLogger("harness")
 
 PROFILE_KEYS = ("description", "tokenizer", "dtype", "template", "training", "tasks")
 
@@ -56,6 +59,9 @@ class ModelChoice:
     reference: str | None       # *_EVAL.json / *_SUMMARY.json log, or a retain model id/dir
     training: dict = field(default_factory=dict)
     profile: str | None = None
+    # set when the reference was taken from the task's default profile for a checkpoint without one:
+    # the tokenizer source of that reference family, compared with the checkpoint's (finalize_template)
+    family: str | None = None
 
     def to_config(self) -> dict:
         return {"label": self.label, "start": self.start, "tokenizer": self.tokenizer, "dtype": self.dtype,
@@ -125,10 +131,26 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
     if not looks_local and model.count("/") != 1:
         raise HarnessError(f"unknown model '{model}'{suggest(model, profiles)}: not a profile "
                            f"({', '.join(profiles)}), a directory, or a hub id of the form org/name")
+    ref, family = (format_reference(reference, task) if reference else task.reference), None
+    if ref is None:
+        # an outside checkpoint of a task is compared with the task's own reference by default; a warning
+        # says so when its tokenizer shows it is of another family (finalize_template)
+        default = profiles.get(task.model or "tiny")
+        entry = default.tasks.get(task.name) if default else None
+        if entry is not None:
+            ref = _profile_reference(entry)
+            ref = format_reference(ref, task) if ref else None
+            is_model = ref is not None and not ref.endswith(".json") and not _has_log(ref)
+            family = ref if is_model else (default.tokenizer or entry["start"])
     return ModelChoice(label=_label_for(model), start=str(Path(model).expanduser()) if looks_local else model,
                        tokenizer=str(Path(model).expanduser()) if looks_local else model,
                        template=template, dtype="bfloat16" if not looks_local else "auto",
-                       reference=format_reference(reference, task) if reference else task.reference)
+                       reference=ref, family=family)
+
+
+def _has_log(ref: str) -> bool:
+    p = Path(ref)
+    return p.is_dir() and (any(p.glob("*_EVAL.json")) or any(p.glob("*_SUMMARY.json")))
 
 
 def _profile_reference(entry: dict) -> str | None:
@@ -141,10 +163,40 @@ def _profile_reference(entry: dict) -> str | None:
 
 
 def finalize_template(choice: ModelChoice, tokenizer) -> Template:
-    """A checkpoint without a profile uses its tokenizer's chat template unless --template is given."""
+    """A checkpoint without a profile uses its tokenizer's chat template unless --template is given.
+
+    This is where a checkpoint's tokenizer first meets the task, so it also warns when the checkpoint
+    is measured against a default reference of another model family.
+    """
+    check_reference_family(choice, tokenizer)
     if choice.template is not None:
         return choice.template
     if getattr(tokenizer, "chat_template", None):
         return Template(apply_chat_template=True)
     raise HarnessError(f"model '{choice.start}' has no chat template and no profile: pass --template FILE "
                        "(YAML with user_start_tag, user_end_tag, asst_start_tag, asst_end_tag, ...)")
+
+
+_FAMILY_CHECKED: set[tuple[str, str]] = set()
+
+
+def check_reference_family(choice: ModelChoice, tokenizer) -> bool:
+    """Warn (once per checkpoint and family) when the checkpoint's tokenizer differs from that of the
+    default reference: forget quality would compare two model families. Returns True when they differ."""
+    if not choice.family or (choice.start, choice.family) in _FAMILY_CHECKED:
+        return False
+    _FAMILY_CHECKED.add((choice.start, choice.family))
+    from harness.modeling import load_tokenizer
+
+    try:
+        ref_tok = load_tokenizer(choice.family)
+    except HarnessError as exc:  # offline hub: nothing to compare with; the reference loader reports it
+        log.debug("cannot compare tokenizers with %s: %s", choice.family, exc)
+        return False
+    if ref_tok.get_vocab() == tokenizer.get_vocab():
+        return False
+    log.warning("warning: the tokenizer of %s differs from that of the task's reference family (%s, reference %s): "
+                "forget quality and privleak would compare against a different model family; pass --reference "
+                "with a retain model or *_EVAL.json of your checkpoint's family", choice.start, choice.family,
+                choice.reference)
+    return True
