@@ -4,8 +4,10 @@ a finished cell is skipped on rerun (resume), a changed config gets a new direct
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ class Cell:
     train: dict
     config: dict
     dir: Path
+    plugin: str = ""
 
 
 def parse_sets(sets: list[str], methods: dict) -> dict[str, dict[str, str]]:
@@ -77,6 +80,12 @@ def training_config(task: Task, choice: ModelChoice, args, seed: int) -> dict:
     cfg["attention_mask"] = "pad_eq" if getattr(args, "attention_mask", "reference") == "reference" else "length"
     if isinstance(cfg.get("epochs"), float) and cfg["epochs"].is_integer():
         cfg["epochs"] = int(cfg["epochs"])
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = key.replace("_", "-")
+            where = (f"--{flag}" if getattr(args, key, None) is not None
+                     else f"model profile '{choice.profile}'" if key in choice.training else f"{task.file}")
+            raise HarnessError(f"training.{key} must be a finite number, got {value} (from {where})")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(cfg) - known
     if unknown:
@@ -100,7 +109,13 @@ def expand(args, reg) -> list[Cell]:
         choice = resolve_model(args.model, task, template_file=args.template, reference=args.reference)
         for mname in methods:
             cls = reg.methods[mname]
-            method = build_method(cls, sets.get(mname, {}))
+            plugin = reg.sources.get(("methods", mname), "?")
+            try:
+                method = build_method(cls, sets.get(mname, {}))
+            except HarnessError:
+                raise
+            except Exception as exc:
+                raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {_one_line(exc)}") from exc
             for seed in seeds:
                 train = training_config(task, choice, args, seed)
                 config = {"task": task.to_config(), "model": choice.to_config(),
@@ -109,7 +124,7 @@ def expand(args, reg) -> list[Cell]:
                           "eval": {"batch_size": args.eval_batch_size, "attention_mask": args.attention_mask},
                           "limit": args.limit, "seed": seed, "data_dir": args.data_dir}
                 d = run_dir(args.output, choice.label, tname, mname, config, seed)
-                cells.append(Cell(task, mname, method, seed, choice, train, config, d))
+                cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
     return cells
 
 
@@ -117,14 +132,20 @@ def _items(task: Task, tok, template, role: str, data_dir, limit, max_length):
     from harness.data import load_split
     from harness.formatting import chunk_corpus, encode_qa
 
-    rows = load_split(task.data_spec(role), data_dir)
+    if task.benchmark == "MUSE":
+        from harness import muse
+
+        # raw corpora as pretraining chunks; the embedded tiny models may fall back to bundled retain texts
+        rows = muse.corpus_rows(task, role, data_dir, tiny=muse.is_tiny_model(getattr(tok, "name_or_path", None)))
+    else:
+        rows = load_split(task.data_spec(role), data_dir)
     if limit:
         rows = rows[:limit]
     if not rows:
         raise HarnessError(f"task '{task.name}': data role '{role}' ({task.data[role].label()}) is empty")
     if task.benchmark == "MUSE":
-        key = task.field_name("text")
-        return chunk_corpus(tok, [r[key] for r in rows], max_length), rows
+        key = muse.text_key(task, rows, role)
+        return chunk_corpus(tok, [r[key] for r in rows if r[key]], max_length), rows
     q, a = task.field_name("question"), task.field_name("answer")
     for r in rows[:1]:
         for k in (q, a):
@@ -143,12 +164,58 @@ def _idk_items(task: Task, tok, template, forget_rows, data_dir, max_length):
     return [[encode_qa(tok, template, r[q], ans, max_length=max_length) for ans in idk] for r in forget_rows]
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, HarnessError):
+        return text[0] if text else "error"
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def guard_method(method, name: str, plugin: str):
+    """A copy of ``method`` whose ``loss()`` turns any exception into one error line naming the method and
+    the plugin that registered it (a third-party bug must not read like a harness crash)."""
+    guarded = copy.copy(method)
+    loss = method.loss
+
+    def checked_loss(*a, **kw):
+        try:
+            return loss(*a, **kw)
+        except Exception as exc:
+            raise HarnessError(f"method '{name}' from plugin '{plugin}' failed: {_one_line(exc)}") from exc
+
+    object.__setattr__(guarded, "loss", checked_loss)
+    return guarded
+
+
+def check_data(task: Task, data_dir, limit) -> None:
+    """Fail before any model is loaded when the training data cannot work: an empty forget/retain split or
+    rows without the fields the task's ``prompt`` names."""
+    from harness.data import load_split
+
+    keys = [task.field_name("text")] if task.benchmark == "MUSE" else [task.field_name("question"),
+                                                                        task.field_name("answer")]
+    for role in ("forget", "retain"):
+        if role not in task.data:
+            raise HarnessError(f"task '{task.name}' ({task.file}): no data role '{role}'; unlearning needs "
+                               "data.forget and data.retain")
+        rows = load_split(task.data[role], data_dir)
+        if limit:
+            rows = rows[:limit]
+        if not rows:
+            raise HarnessError(f"task '{task.name}': data role '{role}' ({task.data[role].label()}) is empty")
+        for n, row in enumerate(rows):
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise HarnessError(f"task '{task.name}' ({task.file}): data role '{role}' row {n} has no field "
+                                   f"'{missing[0]}' (fields: {', '.join(row)}); fix prompt: in the task file")
+
+
 def run_cell(cell: Cell, args) -> dict | None:
     """Unlearn and score one cell; returns the scores dict, or None when another process holds it."""
     import torch
 
     from harness import evaluation, train
-    from harness.modeling import load_model, load_tokenizer
+    from harness.modeling import check_checkpoint, check_lengths, load_model, load_tokenizer
     from harness.profiles import finalize_template
 
     with claim(cell.dir) as mine:
@@ -163,16 +230,21 @@ def run_cell(cell: Cell, args) -> dict | None:
         template = finalize_template(choice, tok)
         torch.manual_seed(cell.seed)
         model = load_model(choice.start, dtype=choice.dtype, trust_remote_code=args.trust_remote_code)
+        check_checkpoint(model, tok, choice.start)
         cfg = train.TrainConfig(**cell.train)
         forget, forget_rows = _items(task, tok, template, "forget", args.data_dir, args.limit, cfg.max_length)
         retain, _ = _items(task, tok, template, "retain", args.data_dir, args.limit, cfg.max_length)
+        for role, items in (("forget", forget), ("retain", retain)):
+            check_lengths(model, [len(it["input_ids"]) for it in items], choice.start,
+                          what=f"task '{task.name}' data role '{role}'")
         idk = None
         if getattr(cell.method, "uses_idk", False):
             idk = _idk_items(task, tok, template, forget_rows, args.data_dir, cfg.max_length)
         write_config(cell.dir, cell.config, {"plan": train.plan(cfg, len(forget), 1)})
         log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
                  task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
-        model = train.unlearn(model, tok, cell.method, forget, retain, cfg, idk_items=idk, out_dir=cell.dir,
+        model = train.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget, retain,
+                              cfg, idk_items=idk, out_dir=cell.dir,
                               cache_reference=not args.no_cache_reference,
                               save_dir=cell.dir / "model" if args.save_model else None)
         info = getattr(model, "train_info", {})
@@ -289,6 +361,7 @@ def main(args) -> int:
         if missing:
             raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; "
                                "supply them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
+        check_data(task, args.data_dir, args.limit)
     rows = []
     done_tasks = set()
     for cell in cells:
