@@ -206,58 +206,53 @@ def clean_exit(code: int = 0) -> None:
         os._exit(code)
 
 
-def launch_command(argv: list[str], mode: str, *, num_processes: int | None = None) -> tuple[list[str], dict]:
-    """The command and environment that re-run ``harness <argv>`` under the launcher for ``mode``.
+def launch_command(argv: list[str], mode: str, *, num_processes: int | None = None,
+                   module: str = "harness") -> tuple[list[str], dict]:
+    """The command and environment that re-run ``python -m <module> <argv>`` under the launcher for ``mode``.
 
-    ``argv`` is the CLI argument list without the program name and without ``--accelerate``.
-    ``num_processes`` defaults to the number of visible GPUs (1 on CPU; set it explicitly for CPU tests).
+    ``argv`` is the CLI argument list without the program name; it may keep ``--accelerate``: the child
+    sees that it runs under a launcher and does not re-launch. Processes: ``num_processes``, else
+    ``$HARNESS_NUM_PROCESSES``, else the visible GPUs (1 on CPU); for a user's config FILE its own
+    ``num_processes`` unless one of the first two is given. On CPU, mixed precision is switched off.
     """
     env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"
-    n = num_processes or max(1, torch.cuda.device_count())
-    if mode == "ddp" and not torch.cuda.is_available():
+    explicit = num_processes or (int(os.environ["HARNESS_NUM_PROCESSES"]) if os.environ.get("HARNESS_NUM_PROCESSES") else None)
+    n = explicit or max(1, torch.cuda.device_count())
+    cuda = torch.cuda.is_available()
+    if mode == "ddp" and not cuda:
         # accelerate's multi-CPU launch needs mpirun; torchrun with ACCELERATE_USE_CPU gives gloo DDP.
         env["ACCELERATE_USE_CPU"] = "1"
-        torchrun = shutil.which("torchrun") or "torchrun"
-        cmd = [torchrun, f"--nproc_per_node={n}", "--master_port", str(_free_port()), "-m", "harness", *argv]
-        return cmd, env
-    accelerate = shutil.which("accelerate")
-    launcher = [accelerate] if accelerate else [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate:
-        launcher.append("launch")
-    cmd = [*launcher, "--config_file", str(config_file(mode)), "--num_processes", str(n),
+        torchrun = shutil.which("torchrun")
+        launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+        return [*launcher, f"--nproc_per_node={n}", f"--master_port={_free_port()}", "-m", module, *argv], env
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file(mode)),
            "--main_process_port", str(_free_port())]
-    if not torch.cuda.is_available() and mode != "single":
+    if mode in MODES or explicit:
+        cmd += ["--num_processes", str(n)]
+    if mode == "zero3":
+        # accelerate resolves deepspeed_config_file against the working directory, not the YAML's folder.
+        cmd += ["--deepspeed_config_file", str(CONFIG_DIR / "zero3.json")]
+    if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd += ["-m", "harness", *argv]
-    return cmd, env
+        cmd += ["--mixed_precision", "no"]
+    return [*cmd, "-m", module, *argv], env
 
 
-def relaunch(argv: list[str], mode: str, *, num_processes: int | None = None) -> int:
-    """Run ``harness <argv>`` under the launcher for ``mode`` and return its exit code.
+def relaunch(argv: list[str], mode: str, *, num_processes: int | None = None) -> int | None:
+    """Re-run ``harness <argv>`` under the launcher for ``mode``; returns its exit code.
 
-    Does nothing (returns -1) when ``mode`` is "single" or we are already under a launcher; the caller then
-    continues in-process.
+    Returns None, and launches nothing, when ``mode`` is "single" or this process already runs under a
+    launcher: the caller then simply continues in-process. Typical CLI use::
+
+        rc = distributed.relaunch(argv, args.accelerate)
+        if rc is not None:
+            return rc
     """
     import subprocess
 
-    if mode == "single" or under_launcher():
-        return -1
+    if not mode or mode == "single" or under_launcher():
+        return None
+    config_file(mode)  # a clear error for an unknown mode before anything starts
     cmd, env = launch_command(argv, mode, num_processes=num_processes)
     return subprocess.call(cmd, env=env)
-
-
-def strip_accelerate_flag(argv: list[str]) -> list[str]:
-    """Remove ``--accelerate X`` / ``--accelerate=X`` from an argument list."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--accelerate":
-            skip = True
-            continue
-        if a.startswith("--accelerate="):
-            continue
-        out.append(a)
-    return out

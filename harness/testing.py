@@ -10,6 +10,7 @@ Llama (hidden 32), and a handful of question/answer items encoded with prompt la
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +36,18 @@ RETAIN_QA = [
     ("Is Lia Voss married?", "Yes, to a painter."),
 ]
 IDK = ["I don't know.", "I'm not sure about that.", "I have no idea."]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one intra-op thread: tiny models gain nothing from more, and on a busy machine
+    (other test workers) spinning threads make them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def char_tokenizer():

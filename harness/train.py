@@ -578,3 +578,97 @@ def unlearn(
 def config_dict(cfg: TrainConfig) -> dict:
     """The config as a plain dict (for config.yaml and the run hash)."""
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `harness finetune`
+
+TOFU_SPLITS = ("full", "retain99", "retain95", "retain90", "forget01", "forget05", "forget10")
+
+
+def _whole(name: str, value) -> int:
+    if float(value) != int(float(value)):
+        raise HarnessError(f"--{name} must be a whole number, got {value}")
+    return int(float(value))
+
+
+def finetune_config(args) -> TrainConfig:
+    """TrainConfig from ``harness finetune`` flags (defaults: TOFU finetuning, spec 4.1)."""
+    g = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
+    cfg = TrainConfig(
+        epochs=_whole("epochs", g("epochs", 5)), lr=float(g("lr", 1e-5)), batch_size=int(g("batch_size", 32)),
+        per_device_batch=int(g("per_device_batch", 4)), warmup_epochs=float(g("warmup_epochs", 1.0)),
+        weight_decay=float(g("weight_decay", 0.01)), schedule="linear", optimizer=g("optimizer", "paged_adamw_32bit"),
+        seed=int(g("seed", 0)), gradient_checkpointing=bool(g("gradient_checkpointing", False)),
+        max_length=int(g("max_length", 512)), accelerate=g("accelerate", "single") or "single",
+    )
+    cfg.validate()
+    return cfg
+
+
+def _finetune_source(args):
+    """(weights, tokenizer source, template, dtype) for ``--model`` = profile name, tiny:<kind>, hub id or dir."""
+    from harness.profiles import get_profiles, load_template_file
+
+    model = args.model
+    template = load_template_file(args.template) if getattr(args, "template", None) else None
+    profiles = get_profiles()
+    if model.startswith("tiny:"):
+        from harness.tiny import tiny_model_dir
+
+        path = str(tiny_model_dir(model.split(":", 1)[1]))
+        return path, path, template or profiles["tiny"].template, "float32"
+    if model in profiles:
+        prof = profiles[model]
+        if not prof.tokenizer:
+            raise HarnessError(f"--model {model}: the profile names no base model; pass a hub id or directory")
+        return prof.tokenizer, prof.tokenizer, template or prof.template, prof.dtype
+    if Path(model).exists():
+        return model, model, template, "auto"
+    return model, model, template, "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def finetune_main(args) -> int:
+    """``harness finetune``: build a target (``--split full``) or retain (``--split retainNN``) model.
+
+    Flags read from ``args``: model, split, output, template, epochs, lr, batch_size, per_device_batch,
+    warmup_epochs, weight_decay, optimizer, seed, accelerate, gradient_checkpointing, trust_remote_code,
+    data_dir (and max_length if present). Writes a Hugging Face checkpoint, ``train_log.jsonl`` and
+    ``finetune.yaml`` (the resolved config) to ``--output``.
+    """
+    from harness.data import load_split
+    from harness.formatting import encode_qa
+    from harness.io import write_yaml
+    from harness.modeling import load_model, load_tokenizer
+    from harness.tasks import DataSpec
+
+    split = getattr(args, "split", "full") or "full"
+    if split not in TOFU_SPLITS:
+        raise HarnessError(f"--split {split!r}: use one of {', '.join(TOFU_SPLITS)}")
+    cfg = finetune_config(args)
+    weights, tok_src, template, dtype = _finetune_source(args)
+    trust = bool(getattr(args, "trust_remote_code", False))
+    tok = load_tokenizer(tok_src, trust_remote_code=trust)
+    if template is None:
+        if not getattr(tok, "chat_template", None):
+            raise HarnessError(f"model '{args.model}' has no chat template: pass --template FILE")
+        from harness.formatting import Template
+
+        template = Template(apply_chat_template=True)
+    rows = load_split(DataSpec(path="locuslab/TOFU", name=split, split="train"), getattr(args, "data_dir", None))
+    items = [encode_qa(tok, template, r["question"], r["answer"], max_length=cfg.max_length) for r in rows]
+    model = load_model(weights, dtype=dtype, trust_remote_code=trust)
+    out = Path(args.output)
+    model = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
+    if _is_main_process():
+        write_yaml(out / "finetune.yaml", {"model": args.model, "split": split, "rows": len(items),
+                                           "template": template.to_dict(), "dtype": dtype,
+                                           "training": config_dict(cfg), "plan": model.train_info})
+        print(f"finetuned {args.model} on TOFU {split} ({len(items)} rows) -> {out}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -8,8 +8,14 @@ import torch
 from harness import HarnessError
 from harness.io import read_jsonl
 from harness.losses import forward_logits, token_mean_nll
-from harness.testing import char_tokenizer, tiny_llama, toy_data
+from harness.testing import char_tokenizer, single_thread, tiny_llama, toy_data
 from harness.train import TrainConfig, collate, finetune, plan
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,37 @@ def test_nan_loss_stops_with_clear_error_and_keeps_log(tok, tmp_path):
         finetune(model, tok, forget + retain, cfg, out_dir=tmp_path)
     rows = read_jsonl(tmp_path / "train_log.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_finetune_verb_builds_a_checkpoint(tmp_path):
+    from argparse import Namespace
+
+    from transformers import AutoModelForCausalLM
+
+    from harness.io import read_yaml
+    from harness.train import finetune_main
+
+    args = Namespace(model="tiny:base", split="forget01", output=str(tmp_path / "ft"), template=None, epochs=1.0,
+                     lr=1e-3, batch_size=8, per_device_batch=8, warmup_epochs=1.0, weight_decay=0.01,
+                     optimizer="adamw_torch", seed=0, accelerate=None, gradient_checkpointing=False,
+                     trust_remote_code=False, data_dir=None)
+    assert finetune_main(args) == 0
+    doc = read_yaml(tmp_path / "ft" / "finetune.yaml")
+    assert doc["rows"] == 40 and doc["plan"]["total_steps"] == 5 and doc["plan"]["warmup_steps"] == 5
+    assert len(read_jsonl(tmp_path / "ft" / "train_log.jsonl")) == 5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft").num_parameters() > 0
+    with pytest.raises(HarnessError, match="--split"):
+        finetune_main(Namespace(**{**vars(args), "split": "retain42"}))
+
+
+def test_relaunch_commands():
+    from harness.distributed import CONFIG_DIR, launch_command, relaunch
+
+    assert relaunch(["run", "-t", "x"], "single") is None
+    cmd, env = launch_command(["run", "-t", "tofu_forget01"], "zero3", num_processes=2)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and env["HARNESS_LAUNCHED"] == "1"
+    assert cmd[cmd.index("--config_file") + 1] == str(CONFIG_DIR / "zero3.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[-5:] == ["-m", "harness", "run", "-t", "tofu_forget01"]
+    with pytest.raises(HarnessError, match="--accelerate 'nope'"):
+        relaunch(["run"], "nope")

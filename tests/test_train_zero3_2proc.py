@@ -1,0 +1,84 @@
+"""NPO under DeepSpeed ZeRO-3 with two CPU processes (gloo), launched the way ``--accelerate zero3`` does.
+
+Run as a script this file is the worker: each rank unlearns, records its retain partners and the
+consolidated weights, and exits through ``clean_exit``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from harness.methods import Method
+
+SEEN: list = []
+
+
+@dataclass
+class RecordingNPO(Method):
+    name: ClassVar[str] = "recording_npo"
+    needs_reference: ClassVar[bool] = True
+    reference_logprobs_only: ClassVar[bool] = True
+
+    def loss(self, model, batch, ref):
+        from harness.plugins import get_registry
+
+        SEEN.append(batch["retain"]["index"].tolist())
+        return get_registry().methods["npo"]().loss(model, batch, ref)
+
+
+def worker(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from harness import distributed
+    from harness.testing import char_tokenizer, tiny_llama, toy_data
+    from harness.train import TrainConfig, unlearn
+
+    tok = char_tokenizer()
+    forget, retain, _ = toy_data(tok)
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=2, per_device_batch=1, warmup_epochs=1,
+                      optimizer="adamw_torch", accelerate="zero3")
+    model = unlearn(tiny_llama(tok), tok, RecordingNPO(), forget, retain, cfg, out_dir=out, save_dir=out / "model")
+    rank = int(os.environ["RANK"])
+    checksum = float(sum(p.double().sum() for p in model.parameters()))
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "world": int(os.environ["WORLD_SIZE"]), "seen": SEEN, "checksum": checksum,
+        "info": model.train_info, "embed_numel": model.model.embed_tokens.weight.numel(),
+        # the evaluation-after-ZeRO-3 gotcha: loads after training must give plain, unpartitioned models
+        "reloaded_numel": AutoModelForCausalLM.from_pretrained(out / "model").model.embed_tokens.weight.numel()}))
+    distributed.clean_exit(0)
+
+
+@pytest.mark.slow
+def test_npo_zero3_two_processes(tmp_path):
+    from harness.distributed import launch_command
+    from harness.io import read_jsonl
+
+    script = Path(__file__).resolve()
+    cmd, env = launch_command([str(tmp_path)], "zero3", num_processes=2, module="harness")
+    i = cmd.index("-m", 3)  # run this file instead of the harness module
+    cmd = [*cmd[:i], str(script), str(tmp_path)]
+    env["PYTHONPATH"] = os.pathsep.join([str(script.parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    # each rank drew its own retain partners from its own generator
+    assert ranks[0]["seen"] != ranks[1]["seen"]
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 4  # 2 examples per rank per epoch
+    # every rank holds the same consolidated (unsharded) model
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["embed_numel"] > 0 and ranks[0]["reloaded_numel"] == ranks[1]["reloaded_numel"] > 0
+    assert ranks[0]["info"]["grad_accum"] == 1 and ranks[0]["info"]["world_size"] == 2
+    rows = read_jsonl(tmp_path / "train_log.jsonl")  # written once, by rank 0
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
