@@ -171,6 +171,8 @@ EXTRA_KINDS: dict = {}
 
 def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
     """Directory of the tiny checkpoint ``kind`` (HF format, tokenizer included), built if missing."""
+    from harness import tiny_muse  # noqa: F401  (registers the MUSE kinds in EXTRA_KINDS)
+
     size_name = current_size(size)
     spec = SIZES[size_name]
     base = root(size_name)
