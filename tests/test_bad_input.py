@@ -1,0 +1,310 @@
+"""Bad input gives one clear error line (file, field or plugin named), a non-zero exit, no traceback unless
+--debug, and leaves finished results alone. Also: YAML only through safe loaders, no eval/exec of config."""
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT, run_cli
+
+from harness import HarnessError, evaluation, plugins, runner
+
+# `harness run` end to end needs the eval engine's entry point that the runner's baseline calls
+E2E_MISSING = "run_eval" in inspect.getsource(runner.baseline) and not hasattr(evaluation, "run_eval")
+needs_e2e = pytest.mark.skipif(E2E_MISSING, reason="runner.baseline calls evaluation.run_eval, not there yet")
+
+CHEAP_TASK = """\
+task: @NAME@
+include: @ROOT@/tasks/tofu/_base.yaml
+description: forget01 with one cheap metric (no generation, no reference), for tests
+data:
+  forget: {path: locuslab/TOFU, name: forget01}
+  retain: {path: locuslab/TOFU, name: retain99}
+  forget_eval: {path: locuslab/TOFU, name: forget01_perturbed}
+  holdout: {path: locuslab/TOFU, name: holdout01}
+metrics: [forget_Q_A_Prob]
+"""
+
+
+def task_dir(tmp_path, files: dict) -> str:
+    d = tmp_path / "tasks"
+    d.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (d / name).write_text(textwrap.dedent(text).replace("@ROOT@", str(ROOT)).replace("@NAME@", name.split(".")[0]))
+    return str(d)
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(plugins, "_CACHE", {})
+
+
+def one_error(rc, err, *needles):
+    """Exactly one `error:` line, no traceback, non-zero exit; returns the line."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc != 0, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A finished result from earlier, which no failing command may touch."""
+    d = tmp_path / "res" / "tiny_full" / "tofu_forget01" / "npo" / "0123abcd-s0"
+    d.mkdir(parents=True)
+    (d / "scores.json").write_text(json.dumps({"task": "tofu_forget01", "metrics": {"x": {"value": 0.5}}}))
+    (d / "config.yaml").write_text("seed: 0\n")
+    before = {p: p.read_bytes() for p in d.iterdir()}
+    yield tmp_path / "res"
+    assert {p: p.read_bytes() for p in d.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------- task YAML
+@pytest.mark.parametrize("text, needles", [
+    ("task: broken\nmetrics: [forget_Q_A_Prob\n", ["broken.yaml: line", "invalid YAML"]),
+    ("task: broken\nmetric: [forget_Q_A_Prob]\ndata: {forget: {path: x}}\n",
+     ["broken.yaml: unknown key 'metric'", "did you mean 'metrics'"]),
+    ("task: broken\ninclude: broken.yaml\nmetrics: [a]\ndata: {forget: {path: x}}\n", ["broken.yaml", "include cycle"]),
+    ("task: broken\nmetrics: [a]\ndata: {forget: {path: locuslab/TOFU, splt: train}}\n",
+     ["broken.yaml: data.forget: unknown key 'splt'", "did you mean 'split'"]),
+    ("task: broken\nmetrics: [a]\ndata: {forget: {path: x}}\ntraining: {learning_rate: 1.0}\n",
+     ["broken.yaml: training: unknown key 'learning_rate'"]),
+    ("- just\n- a list\n", ["broken.yaml: a task file must be a mapping"]),
+    ("task: !!python/object/apply:os.system ['echo pwned']\n", ["broken.yaml", "invalid YAML"]),
+])
+def test_bad_task_yaml_is_one_error_naming_the_file(tmp_path, finished, text, needles):
+    d = task_dir(tmp_path, {"broken.yaml": text})
+    for argv in (["ls", "tasks"], ["run", "-t", "tofu_forget01", "-m", "npo", "-o", finished, "--dry-run"]):
+        rc, _, err = run_cli(*argv, "--include-tasks", d, check=False)
+        one_error(rc, err, *needles)
+
+
+def test_bad_task_yaml_fails_even_when_plugins_are_lenient(tmp_path, monkeypatch):
+    # a task file that does not parse is never a silent skip that later reads as "task not found"
+    monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "0")
+    d = task_dir(tmp_path, {"broken.yaml": "task: [unclosed\n"})
+    rc, _, err = run_cli("ls", "tasks", "--include-tasks", d, check=False)
+    one_error(rc, err, "broken.yaml")
+
+
+# ---------------------------------------------------------------------------------- data problems
+def test_unknown_data_field_before_any_model_work(tmp_path, finished):
+    d = task_dir(tmp_path, {"t7_field.yaml": CHEAP_TASK + "prompt: {question: query, answer: answer}\n"})
+    rc, _, err = run_cli("run", "-t", "t7_field", "-m", "grad_ascent", "--model", "tiny:full", "--include-tasks", d,
+                         "-o", finished, check=False)
+    one_error(rc, err, "t7_field.yaml", "data role 'forget' row 0 has no field 'query'", "fields: question, answer")
+    assert not (finished / "tiny_full" / "t7_field").exists()  # failed before creating any run directory
+
+
+def test_empty_forget_split(tmp_path, finished):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "forget01.jsonl").write_text("")
+    rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "grad_ascent", "--data-dir", data, "-o", finished,
+                         check=False)
+    one_error(rc, err, "task 'tofu_forget01': data role 'forget' (locuslab/TOFU/forget01:train) is empty")
+
+
+def test_malformed_data_line_names_file_and_line(tmp_path, finished):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "forget01.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n')
+    rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "grad_ascent", "--data-dir", data, "-o", finished,
+                         check=False)
+    one_error(rc, err, "forget01.jsonl:2: invalid JSON line")
+
+
+# ------------------------------------------------------------------------------- hyper-parameters
+@pytest.mark.parametrize("extra, needles", [
+    (["--set", "npo.beta=inf"], ["method 'npo': hyper-parameter 'beta' must be finite, got inf"]),
+    (["--set", "npo.alpha=nan"], ["method 'npo': hyper-parameter 'alpha' must be finite, got nan"]),
+    (["--set", "npo.beta=big"], ["method 'npo': cannot parse beta='big' as float"]),
+    (["--lr", "nan"], ["training.lr must be a finite number, got nan (from --lr)"]),
+    (["--epochs", "inf"], ["training.epochs must be a finite number, got inf (from --epochs)"]),
+    (["--set", "npo.betaa=0.2"], ["method 'npo' has no hyper-parameter 'betaa'", "valid: alpha, beta, gamma"]),
+    (["--set", "grad_diff.alpha=1"], ["--set 'grad_diff.alpha=1': method 'grad_diff' is not selected"]),
+    (["--set", "npo_beta=1"], ["expected METHOD.FIELD=VALUE"]),
+])
+def test_bad_hyper_parameters(finished, extra, needles):
+    rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "npo", "-o", finished, *extra, check=False)
+    one_error(rc, err, *needles)
+
+
+def test_non_finite_value_in_task_file_names_the_file(tmp_path, finished):
+    # warmup_epochs: a key the tiny profile does not override (its lr would replace the task's)
+    d = task_dir(tmp_path, {"t7_nan.yaml": CHEAP_TASK + "training: {warmup_epochs: .nan}\n"})
+    rc, _, err = run_cli("run", "-t", "t7_nan", "-m", "npo", "--model", "tiny:full", "--include-tasks", d,
+                         "-o", finished, "--dry-run", check=False)
+    one_error(rc, err, "training.warmup_epochs must be a finite number, got nan", "t7_nan.yaml")
+
+
+# --------------------------------------------------------------------------------------- plugins
+BOOM_REGISTER = """
+from harness import hookimpl
+
+@hookimpl
+def register_methods(register):
+    raise RuntimeError("kaput while registering")
+"""
+
+BOOM_LOSS = """
+import dataclasses
+from typing import ClassVar
+from harness import hookimpl
+from harness.methods import Method
+
+@dataclasses.dataclass
+class Boom(Method):
+    name: ClassVar[str] = "boom"
+    def loss(self, model, batch, ref):
+        return {}["no such key in the plugin"]
+
+@hookimpl
+def register_methods(register):
+    register(Boom)
+"""
+
+
+def test_plugin_raising_during_registration(tmp_path, finished, monkeypatch):
+    d = tmp_path / "plugs"
+    d.mkdir()
+    (d / "boom.py").write_text(BOOM_REGISTER)
+    rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "npo", "--dry-run", "-o", finished, "--plugins-dir", d,
+                         check=False)
+    one_error(rc, err, "plugin 'plugs/boom.py' failed: RuntimeError: kaput while registering")
+    monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "0")  # users: the rest of the harness keeps working
+    plugins._CACHE.clear()
+    rc, out, _ = run_cli("run", "-t", "tofu_forget01", "-m", "npo", "--dry-run", "-o", finished, "--plugins-dir", d)
+    assert rc == 0 and out.startswith("1 run(s):")
+
+
+def test_plugin_raising_in_loss_is_named(tmp_path):
+    """The runner wraps a method's loss(): the error names the method and the plugin that registered it."""
+    from harness.testing import one_step
+
+    d = tmp_path / "plugs"
+    d.mkdir()
+    (d / "boomloss.py").write_text(BOOM_LOSS)
+    reg = plugins.build_registry(plugins_dirs=[d], strict=True)
+    assert reg.sources[("methods", "boom")] == "plugs/boomloss.py"
+    method = runner.guard_method(reg.methods["boom"](), "boom", reg.sources[("methods", "boom")])
+    with pytest.raises(HarnessError) as exc:
+        one_step(method)
+    assert str(exc.value) == "method 'boom' from plugin 'plugs/boomloss.py' failed: KeyError: 'no such key in the plugin'"
+
+
+@needs_e2e
+def test_plugin_raising_in_loss_keeps_finished_cells(tmp_path):
+    d = tmp_path / "plugs"
+    d.mkdir()
+    (d / "boomloss.py").write_text(BOOM_LOSS)
+    tasks = task_dir(tmp_path, {"t7_cheap.yaml": CHEAP_TASK})
+    out = tmp_path / "res"
+    common = ["-t", "t7_cheap", "--model", "tiny:full", "--include-tasks", tasks, "--plugins-dir", d, "-o", out,
+              "--limit", "2", "--epochs", "1", "--batch-size", "2", "--per-device-batch", "2"]
+    rc, _, err = run_cli("run", "-m", "grad_ascent,boom", *common, check=False)
+    one_error(rc, err, "method 'boom' from plugin 'plugs/boomloss.py' failed: KeyError")
+    done = list((out / "tiny_full" / "t7_cheap" / "grad_ascent").glob("*/scores.json"))
+    assert len(done) == 1
+    assert not list((out / "tiny_full" / "t7_cheap" / "boom").glob("*/scores.json"))
+
+
+# ----------------------------------------------------------------------------------- references
+def test_reference_log_without_needed_keys(tmp_path, tiny_full_dir, finished):
+    log = tmp_path / "TOFU_EVAL.json"
+    log.write_text(json.dumps({"mia_min_k": {"agg_value": 0.5}}))
+    d = task_dir(tmp_path, {"t7_fq.yaml": CHEAP_TASK.replace("[forget_Q_A_Prob]", "[forget_quality]")})
+    rc, _, err = run_cli("eval", "-t", "t7_fq", "--model", "tiny:full", "--reference", log, "--include-tasks", d,
+                         "--limit", "2", "-o", finished, check=False)
+    one_error(rc, err, str(log), "no 'forget_truth_ratio' entry")
+    assert not list(finished.rglob("t7_fq/**/scores.json"))
+
+
+def test_corrupt_cached_model(tmp_path, tiny_full_dir, monkeypatch, finished):
+    import shutil
+
+    from harness.tiny import root
+
+    home = tmp_path / "home"
+    src = root()
+    dst = home / src.relative_to(src.parents[1])
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock"))
+    weights = dst / "full" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    monkeypatch.setenv("HARNESS_HOME", str(home))
+    d = task_dir(tmp_path, {"t7_cheap.yaml": CHEAP_TASK})
+    rc, _, err = run_cli("eval", "-t", "t7_cheap", "--model", "tiny:full", "--include-tasks", d, "--limit", "2",
+                         "-o", finished, check=False)
+    one_error(rc, err, f"the cached model {dst / 'full'} is corrupt", "delete that directory and rerun")
+
+
+# ------------------------------------------------------------------------------ process-level view
+def test_one_line_and_exit_code_in_a_real_process_traceback_with_debug(tmp_path):
+    cmd = [sys.executable, "-m", "harness", "run", "-t", "tofu_forget01", "-m", "npo", "--set", "npo.beta=inf",
+           "--dry-run", "-o", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2
+    assert r.stderr == "error: method 'npo': hyper-parameter 'beta' must be finite, got inf\n"
+    r = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "must be finite" in r.stderr
+
+
+def test_unexpected_exception_is_one_line_without_debug(monkeypatch, tmp_path):
+    def explode(args):
+        raise ZeroDivisionError("division by zero somewhere deep")
+
+    monkeypatch.setattr(runner, "main", explode)
+    rc, _, err = run_cli("run", "-t", "x", "-m", "y", check=False)
+    assert rc == 1
+    assert err == ("error: unexpected ZeroDivisionError: division by zero somewhere deep "
+                   "(rerun with --debug for the traceback)\n")
+    with pytest.raises(ZeroDivisionError):
+        run_cli("run", "-t", "x", "-m", "y", "--debug", check=False)
+
+
+# -------------------------------------------------------------------------------------- security
+CODE_DIRS = ["harness", "methods", "examples", "scripts"]
+
+
+def _sources():
+    for d in CODE_DIRS:
+        for p in sorted((ROOT / d).rglob("*.py")):
+            yield p, p.read_text(encoding="utf-8")
+
+
+def test_yaml_only_through_safe_loaders_and_no_eval_exec():
+    bad = []
+    for p, text in _sources():
+        for n, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\byaml\.(load|load_all|unsafe_load|full_load)\s*\(", code) or "yaml.Loader" in code \
+                    or "UnsafeLoader" in code or "FullLoader" in code:
+                bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
+            if re.search(r"(?<![\w.])(eval|exec|compile)\s*\(", code) or "__import__(" in code:
+                bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
+            if re.search(r"\bpickle\.loads?\s*\(|torch\.load\s*\((?![^)]*weights_only\s*=\s*True)", code):
+                bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "unsafe loading or evaluation of text:\n" + "\n".join(bad)
+
+
+def test_trust_remote_code_is_off_unless_asked():
+    from harness.cli import build_parser
+    from harness.modeling import load_model, load_tokenizer
+
+    for fn in (load_model, load_tokenizer):
+        assert inspect.signature(fn).parameters["trust_remote_code"].default is False
+    ap = build_parser()
+    for verb in (["eval", "-t", "x"], ["run", "-t", "x", "-m", "y"], ["finetune", "--model", "m", "-o", "o"]):
+        assert ap.parse_args(verb).trust_remote_code is False
+        assert ap.parse_args([*verb, "--trust-remote-code"]).trust_remote_code is True
+    for p, text in _sources():
+        assert not re.search(r"trust_remote_code\s*=\s*True", text), p
