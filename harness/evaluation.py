@@ -262,8 +262,11 @@ class EvalContext:
         key = ("labels", source)
         if key not in self._prims:
             items, layout = self._encode(source, generate=False)
-            texts = [self.tokenizer.decode([t for t in it["labels"] if t != -100], skip_special_tokens=True)
-                     for it in items]
+            from harness.metrics.primitives import decode
+
+            # decode() with the tokenizer's own clean-up default, as the reference's zlib attack
+            clean = bool(getattr(self.tokenizer, "clean_up_tokenization_spaces", False))
+            texts = [decode(self.tokenizer, [t for t in it["labels"] if t != -100], clean_up=clean) for it in items]
             self._prims[key] = self._unflatten(texts, layout)
         return self._prims[key]
 
@@ -429,17 +432,18 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   limit: int | None = None, metrics=None, progress: bool = True,
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, print_table: bool = True, share: bool = True,
-                  reference_options: dict | None = None) -> dict[str, Score]:
+                  sort: bool = True, reference_options: dict | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
     or a ``harness.reference.Reference``; needed only by metrics that declare ``needs_reference``.
     Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
-    result files, ``scores.json`` last.
+    result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
+    length-sorted batching (only for measuring what they save; the numbers stay the same).
     """
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
-                      data_dir=data_dir, share=share, reference_options=reference_options)
+                      data_dir=data_dir, share=share, sort=sort, reference_options=reference_options)
     wanted = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in (metrics or task.metrics)]
     reg = ctx.registry
     for name, _ in wanted:

@@ -58,40 +58,66 @@ def _batches(order: list[int], batch_size: int):
         yield order[s:s + batch_size]
 
 
-def _seq_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> SeqStats:
-    """Stats of one right-padded sequence from its (T, V) logits."""
-    pos = torch.nonzero(labels != IGNORE).flatten()
-    n = int(pos.numel())
-    empty = np.zeros(0, dtype=np.float32)
-    if n == 0:
-        return SeqStats(None, None, empty, np.zeros(0, dtype=bool), empty)
-    first, last = int(pos[0]), int(pos[-1])
-    # rows (first-1 .. last-1) predict tokens first..last; label 0 is never a label in practice,
-    # and if it were it has no predicting row (as in the reference's shifted loss)
-    lo = max(first - 1, 0)
-    rows = logits[lo:last].float().log_softmax(-1)  # fp32, (last-lo, V)
-    tgt_lab = labels[lo + 1:last + 1]
-    keep = tgt_lab != IGNORE
-    nll = -rows[keep].gather(-1, tgt_lab[keep].unsqueeze(-1)).squeeze(-1)
-    avg = nll.sum() / n  # n counted on the unshifted labels (P1)
+ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128k-token vocabularies
+
+
+def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> list[SeqStats]:
+    """Stats of each right-padded sequence from the batch's (B, T, V) logits.
+
+    Row t predicts token t+1. P1 uses the rows whose next label is not -100, summed and divided
+    by the number of labels (counted on the unshifted labels). P2/P3 use the rows start-1..end-1
+    where start/end are the first/last labelled positions once the final label is dropped.
+    Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK.
+    """
+    B, T = ids.shape
+    dev = ids.device
+    valid = labels != IGNORE
+    n = valid.sum(1)
+    ar = torch.arange(T, device=dev)
+    last = torch.where(valid, ar, -1).max(1).values                       # -1: no label
+    inner = valid & (ar[None, :] != last[:, None])                         # labels minus the last one
+    start = torch.where(inner, ar, T).min(1).values.clamp(min=1)
+    end = torch.where(inner, ar, -1).max(1).values
+    rows = ar[None, :-1]
+    p1 = labels[:, 1:] != IGNORE                                           # (B, T-1)
+    p2 = (rows >= start[:, None] - 1) & (rows <= end[:, None] - 1)
+    need = p1 | p2
+    sel = logits[:, :-1][need]                                             # (N, V), row-major (b, t)
+    lab_next = labels[:, 1:][need]
+    id_next = ids[:, 1:][need]
+    is_p1, is_p2 = p1[need], p2[need]
+    nll = torch.zeros(sel.shape[0], device=dev)
+    lp = torch.empty(sel.shape[0], device=dev)
+    hit = torch.empty(sel.shape[0], dtype=torch.bool, device=dev)
+    z = torch.empty(sel.shape[0], device=dev)
+    for a in range(0, sel.shape[0], ROW_CHUNK):
+        b = a + ROW_CHUNK
+        r = sel[a:b].float().log_softmax(-1)
+        ln = lab_next[a:b]
+        nll[a:b] = torch.where(is_p1[a:b], -r.gather(-1, ln.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+        t = r.gather(-1, id_next[a:b].unsqueeze(-1)).squeeze(-1)
+        lp[a:b] = t
+        hit[a:b] = r.argmax(-1) == ln
+        pr = r.exp()
+        mu = (pr * r).sum(-1)
+        var = ((pr * r.square()).sum(-1) - mu.square()).clamp(min=1e-6)
+        z[a:b] = (t - mu) / var.sqrt()
+    owner = torch.arange(B, device=dev)[:, None].expand(B, T - 1)[need]
+    nll_sum = torch.zeros(B, device=dev).index_add_(0, owner, nll)
+    avg = nll_sum / n.clamp(min=1)
     prob = torch.exp(-avg)
-    # P2/P3: labelled positions minus the last one; the contiguous range first..end
-    inner = pos[:-1]
-    if inner.numel() == 0:
-        return SeqStats(float(avg), float(prob), empty, np.zeros(0, dtype=bool), empty)
-    start, end = int(inner[0]), int(inner[-1])
-    if start == 0:
-        start = 1
-    r = rows[start - 1 - lo:end - lo]
-    tgt = ids[start:end + 1]
-    lp = r.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    hit = r.argmax(-1) == labels[start:end + 1]
-    p = r.exp()
-    mu = (p * r).sum(-1)
-    var = ((p * r.square()).sum(-1) - mu.square()).clamp(min=1e-6)
-    z = (lp - mu) / var.sqrt()
-    return SeqStats(float(avg), float(prob), lp.cpu().numpy().astype(np.float32),
-                    hit.cpu().numpy(), z.cpu().numpy().astype(np.float32))
+    counts = p2.sum(1).tolist()
+    lp2 = np.split(lp[is_p2].cpu().numpy().astype(np.float32), np.cumsum(counts)[:-1])
+    hit2 = np.split(hit[is_p2].cpu().numpy(), np.cumsum(counts)[:-1])
+    z2 = np.split(z[is_p2].cpu().numpy().astype(np.float32), np.cumsum(counts)[:-1])
+    avg_l, prob_l, n_l = avg.tolist(), prob.tolist(), n.tolist()
+    return [SeqStats(avg_l[i] if n_l[i] else None, prob_l[i] if n_l[i] else None, lp2[i], hit2[i], z2[i])
+            for i in range(B)]
+
+
+def _seq_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> SeqStats:
+    """Stats of one sequence from its (T, V) logits."""
+    return batch_stats(logits[None], ids[None], labels[None])[0]
 
 
 @torch.no_grad()
@@ -109,16 +135,27 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = 32
         batch = collate([items[i] for i in chunk], pad_id, side="right", mask=mask)
         ids = batch["input_ids"].to(dev)
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev)).logits
-        labels = batch["labels"].to(dev)
-        for row, i in enumerate(chunk):
-            out[i] = _seq_stats(logits[row], ids[row], labels[row])
+        for i, st in zip(chunk, batch_stats(logits, ids, batch["labels"].to(dev))):
+            out[i] = st
         if progress is not None:
             progress.update(len(chunk))
     return out  # type: ignore[return-value]
 
 
-def decode(tokenizer, ids) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+def clean_up_tokenization(text: str) -> str:
+    """The space clean-up that transformers 4.x applied on ``decode(clean_up_tokenization_spaces=True)``
+    for every fast tokenizer (the published numbers were decoded that way); transformers 5 skips
+    it for BPE tokenizers, so it is applied here explicitly."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
+    """``decode(skip_special_tokens=True)`` plus, by default, the transformers-4 space clean-up."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return clean_up_tokenization(text) if clean_up else text
 
 
 @torch.no_grad()
