@@ -11,12 +11,9 @@ import textwrap
 
 import pytest
 from conftest import ROOT, run_cli
+from test_resume import needs_e2e  # skips `harness run` end to end while the runner/eval engine seam is open
 
-from harness import HarnessError, evaluation, plugins, runner
-
-# `harness run` end to end needs the eval engine's entry point that the runner's baseline calls
-E2E_MISSING = "run_eval" in inspect.getsource(runner.baseline) and not hasattr(evaluation, "run_eval")
-needs_e2e = pytest.mark.skipif(E2E_MISSING, reason="runner.baseline calls evaluation.run_eval, not there yet")
+from harness import HarnessError, plugins, runner
 
 CHEAP_TASK = """\
 task: @NAME@

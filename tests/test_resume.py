@@ -1,0 +1,190 @@
+"""Nothing is lost on interruption: atomic writes, per-run locks, and a grid that is killed (SIGKILL),
+interrupted (SIGINT) and then finished by two concurrent processes on the same results directory."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import ROOT
+
+from harness import evaluation, runner
+from harness.io import write_json
+from harness.results import claim, is_complete
+
+
+def e2e_gaps() -> list[str]:
+    """Names the runner takes from the eval engine that do not exist (yet): `harness run` cannot finish."""
+    import inspect
+
+    src = inspect.getsource(runner)
+    names = set(re.findall(r"evaluation\.(\w+)\(", src)) | {
+        n.strip() for m in re.findall(r"from harness\.evaluation import ([\w, ]+)", src) for n in m.split(",")}
+    gaps = sorted(n for n in names if not hasattr(evaluation, n))
+    if "meta=meta" in src and "meta" not in inspect.signature(evaluation.evaluate_task).parameters:
+        gaps.append("evaluate_task(meta=...)")
+    return gaps
+
+
+needs_e2e = pytest.mark.skipif(bool(e2e_gaps()), reason=f"runner needs from harness.evaluation: {e2e_gaps()}")
+
+TASK = """\
+task: t7_resume
+include: {root}/tasks/tofu/_base.yaml
+description: forget01 with one cheap metric, for the resume tests
+data:
+  forget: {{path: locuslab/TOFU, name: forget01}}
+  retain: {{path: locuslab/TOFU, name: retain99}}
+  forget_eval: {{path: locuslab/TOFU, name: forget01_perturbed}}
+  holdout: {{path: locuslab/TOFU, name: holdout01}}
+metrics: [forget_Q_A_Prob]
+"""
+
+METHODS = ("grad_ascent", "grad_diff", "simnpo")
+STEPS = 2  # --limit 4 rows, effective batch 2, one epoch
+
+
+# ---------------------------------------------------------------------------------- atomic writes
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "scores.json"
+    write_json(p, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json(p, {"bad": object()})
+    assert json.loads(p.read_text()) == {"ok": 1}
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["scores.json"]
+
+
+def test_sigkill_during_writes_never_leaves_a_torn_file(tmp_path):
+    p = tmp_path / "big.json"
+    code = textwrap.dedent(f"""
+        import sys
+        from harness.io import write_json
+        i = 0
+        while True:
+            write_json({str(p)!r}, {{"i": i, "pad": "x" * 2_000_000}})
+            if i == 0:
+                print("first", flush=True)
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "first"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    doc = json.loads(p.read_text())  # whole: either an old or a new version, never half of one
+    assert doc["i"] >= 0 and len(doc["pad"]) == 2_000_000
+
+
+def test_truncated_scores_file_is_not_a_finished_run(tmp_path):
+    (tmp_path / "scores.json").write_text('{"metrics": {"a": ')
+    assert not is_complete(tmp_path)
+    (tmp_path / "scores.json").write_text('{"metrics": {}}')
+    assert is_complete(tmp_path)
+
+
+def test_claim_is_exclusive_across_processes(tmp_path):
+    d = tmp_path / "cell"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, pathlib\nfrom harness.results import claim\n"
+         f"with claim(pathlib.Path({str(d)!r})) as mine:\n    print(mine, flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with claim(d) as mine:
+            assert mine is False
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with claim(d) as mine:  # the kernel drops a dead holder's lock: a killed run never blocks a rerun
+        assert mine is True
+
+
+def test_runner_skips_a_cell_another_process_holds(tmp_path, monkeypatch):
+    from harness.cli import build_parser
+    from harness.plugins import get_registry
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t7_resume.yaml").write_text(TASK.format(root=ROOT))
+    args = build_parser().parse_args(["run", "-t", "t7_resume", "-m", "grad_ascent", "--model", "tiny:full",
+                                      "--include-tasks", str(tasks), "-o", str(tmp_path / "res"), "--limit", "2"])
+    (cell,) = runner.expand(args, get_registry(include_tasks=args.include_tasks))
+    monkeypatch.setattr("harness.modeling.load_model", lambda *a, **k: pytest.fail("must not load a claimed cell"))
+    with claim(cell.dir) as mine:
+        assert mine
+        assert runner.run_cell(cell, args) is None
+    assert not is_complete(cell.dir)
+
+
+# ------------------------------------------------------------------------------ kill and resume
+def _cmd(tasks, out):
+    return [sys.executable, "-m", "harness", "run", "-t", "t7_resume", "-m", ",".join(METHODS), "--model", "tiny:full",
+            "--include-tasks", str(tasks), "-o", str(out), "--limit", "4", "--epochs", "1", "--batch-size", "2",
+            "--per-device-batch", "2", "--eval-batch-size", "8"]
+
+
+def _cells(out, method):
+    return sorted((out / "tiny_full" / "t7_resume" / method).glob("*-s0"))
+
+
+def _wait_for(pred, proc, timeout=240):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+@needs_e2e
+def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t7_resume.yaml").write_text(TASK.format(root=ROOT))
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    popen = lambda: subprocess.Popen(_cmd(tasks, out), env=env, stdout=subprocess.PIPE,  # noqa: E731
+                                     stderr=subprocess.PIPE, text=True)
+
+    # 1. SIGKILL as soon as the first cell has finished
+    p1 = popen()
+    _wait_for(lambda: any(is_complete(d) for d in _cells(out, "grad_ascent")), p1)
+    p1.send_signal(signal.SIGKILL)
+    p1.wait(timeout=60)
+    (first,) = _cells(out, "grad_ascent")
+    kept = (first / "scores.json").read_bytes(), (first / "scores.json").stat().st_mtime_ns
+    assert not any(is_complete(d) for m in METHODS[1:] for d in _cells(out, m))
+
+    # 2. SIGINT (Ctrl-C) in the middle of the second cell: exit 130, the message, nothing half-written kept
+    p2 = popen()
+    _wait_for(lambda: any((d / "config.yaml").exists() for d in _cells(out, "grad_diff")) and p2.poll() is None, p2)
+    p2.send_signal(signal.SIGINT)
+    _, err2 = p2.communicate(timeout=120)
+    assert p2.returncode == 130, err2[-3000:]
+    assert "interrupted: finished runs are kept; rerun the same command to resume" in err2
+    assert "Traceback" not in err2
+    assert not any(is_complete(d) for d in _cells(out, "grad_diff"))
+
+    # 3. two processes finish the grid together on the same results directory
+    p3, p4 = popen(), popen()
+    outs = [p.communicate(timeout=300) for p in (p3, p4)]
+    assert (p3.returncode, p4.returncode) == (0, 0), [e[-3000:] for _, e in outs]
+    logs = "\n".join(e for _, e in outs)
+    assert logs.count("skip t7_resume x grad_ascent x seed 0: finished earlier") == 2
+    assert ((first / "scores.json").read_bytes(), (first / "scores.json").stat().st_mtime_ns) == kept
+    for m in METHODS:
+        (d,) = _cells(out, m)
+        assert is_complete(d), m
+        scores = json.loads((d / "scores.json").read_text())
+        assert scores["partial"] is True and "forget_Q_A_Prob" in scores["metrics"]
+        steps = [json.loads(line)["step"] for line in (d / "train_log.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, STEPS + 1)), (m, steps)  # each cell trained once, not twice over
+    assert not list(out.rglob("*.tmp"))
