@@ -1,0 +1,231 @@
+"""Checkpoints trained elsewhere: `harness eval --model DIR` on odd tokenizers and configs works, or fails
+with one line that says what to pass; custom model code runs only with --trust-remote-code."""
+
+import inspect
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT, run_cli
+
+from harness import HarnessError, evaluation, plugins
+from harness.modeling import check_checkpoint, check_lengths, load_model, load_tokenizer
+
+TASK = """\
+task: t7_ext
+include: {root}/tasks/tofu/_base.yaml
+description: forget01 with one cheap metric, for outside checkpoints
+data:
+  forget: {{path: locuslab/TOFU, name: forget01}}
+  retain: {{path: locuslab/TOFU, name: retain99}}
+  forget_eval: {{path: locuslab/TOFU, name: forget01_perturbed}}
+  holdout: {{path: locuslab/TOFU, name: holdout01}}
+metrics: [forget_Q_A_Prob]
+"""
+TEMPLATE = """\
+apply_chat_template: false
+user_start_tag: "<|user|>"
+user_end_tag: ""
+asst_start_tag: "<|assistant|>"
+asst_end_tag: "\\n"
+"""
+# renders exactly what TEMPLATE renders, so the two routes must give the same numbers
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+                 "{% else %}<|assistant|>{{ m['content'] }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+eval_wired = pytest.mark.skipif(
+    "check_checkpoint" not in inspect.getsource(evaluation) or "check_lengths" not in inspect.getsource(evaluation),
+    reason="harness eval does not call modeling.check_checkpoint / check_lengths yet (requested from the eval engine)")
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(plugins, "_CACHE", {})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_full_dir):
+    base = tmp_path_factory.mktemp("ext")
+    (base / "tasks").mkdir()
+    (base / "tasks" / "t7_ext.yaml").write_text(TASK.format(root=ROOT))
+    (base / "template.yaml").write_text(TEMPLATE)
+    return base
+
+
+def _variant(env, name, tiny_full_dir, edit_tokenizer=None, edit_config=None):
+    d = env / name
+    if d.exists():
+        return d
+    shutil.copytree(tiny_full_dir, d)
+    if edit_tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(d)
+        edit_tokenizer(tok)
+        tok.save_pretrained(d)
+    if edit_config:
+        cfg = json.loads((d / "config.json").read_text())
+        edit_config(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+_RUNS = itertools.count()
+
+
+def _eval(env, model, *extra, check=True):
+    out = env / f"results{next(_RUNS)}"  # a fresh directory: every call scores, none reads an earlier result
+    rc, stdout, err = run_cli("eval", "-t", "t7_ext", "--model", model, "--include-tasks", env / "tasks",
+                              "--limit", "3", "-o", out, "--attention-mask", "corrected", *extra, check=check)
+    return rc, stdout, err
+
+
+def _value(stdout):
+    path = next(line.split("results: ", 1)[1] for line in stdout.splitlines() if line.startswith("results: "))
+    return json.loads(open(os.path.join(path, "scores.json")).read())["metrics"]["forget_Q_A_Prob"]["value"]
+
+
+def _one_error(rc, err, *needles):
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc != 0 and len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_tokenizer_without_pad_token_scores_like_the_original(env, tiny_full_dir):
+    nopad = _variant(env, "nopad", tiny_full_dir, edit_tokenizer=lambda t: setattr(t, "pad_token", None))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(nopad).pad_token_id is None  # really saved without one
+    assert load_tokenizer(str(nopad)).pad_token_id == load_tokenizer(str(nopad)).eos_token_id  # pad := eos
+    _, ref_out, _ = _eval(env, str(tiny_full_dir), "--template", env / "template.yaml")
+    _, out, _ = _eval(env, str(nopad), "--template", env / "template.yaml")
+    # with padding-only attention masks the pad id cannot change any number
+    assert _value(out) == pytest.approx(_value(ref_out), rel=1e-6)
+
+
+def test_no_chat_template_says_pass_template(env, tiny_full_dir):
+    rc, _, err = _eval(env, str(tiny_full_dir), check=False)
+    _one_error(rc, err, f"model '{tiny_full_dir}' has no chat template and no profile: pass --template FILE")
+
+
+def test_chat_template_is_used_without_template_flag(env, tiny_full_dir):
+    chat = _variant(env, "chat", tiny_full_dir, edit_tokenizer=lambda t: setattr(t, "chat_template", CHAT_TEMPLATE))
+    _, with_flag, _ = _eval(env, str(tiny_full_dir), "--template", env / "template.yaml")
+    _, out, _ = _eval(env, str(chat))
+    assert _value(out) == pytest.approx(_value(with_flag), rel=1e-6)
+
+
+def test_other_vocabulary_works_and_warns_about_the_reference_family(env, tiny_full_dir, tiny_retain99_dir, caplog):
+    from harness.profiles import finalize_template, resolve_model
+    from harness.testing import char_tokenizer, tiny_llama
+
+    other = env / "charmodel"
+    if not other.exists():
+        tok = char_tokenizer()
+        tiny_llama(tok).save_pretrained(other)
+        tok.save_pretrained(other)
+    rc, out, _ = _eval(env, str(other), "--template", env / "template.yaml")
+    assert 0.0 <= _value(out) <= 1.0
+
+    task = plugins.get_registry().tasks["tofu_forget01"]
+    choice = resolve_model(str(other), task)
+    assert choice.reference == "tiny:retain99"  # the task's own reference, as for the tiny profile
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        finalize_template(resolve_model(str(other), task, template_file=str(env / "template.yaml")),
+                          load_tokenizer(str(other)))
+    assert any("differs from that of the task's reference family (tiny:retain99" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    same = _variant(env, "same_family", tiny_full_dir)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        finalize_template(resolve_model(str(same), task, template_file=str(env / "template.yaml")),
+                          load_tokenizer(str(same)))
+    assert not [r for r in caplog.records if "reference family" in r.getMessage()]
+    # an explicit --reference is the user's choice: no guessing, no warning
+    assert resolve_model(str(other), task, reference="logs/TOFU_EVAL.json").family is None
+
+
+def _mismatched(env):
+    """The tiny model's tokenizer (512 ids) next to weights with a 99-row embedding."""
+    from harness.testing import char_tokenizer, tiny_llama
+
+    d = env / "mismatch"
+    if not d.exists():
+        tiny_llama(char_tokenizer()).save_pretrained(d)
+        from harness.tiny import tiny_model_dir
+
+        load_tokenizer(str(tiny_model_dir("full"))).save_pretrained(d)
+    return d
+
+
+def test_tokenizer_larger_than_embedding_is_named(env, tiny_full_dir):
+    d = _mismatched(env)
+    with pytest.raises(HarnessError, match=r"the tokenizer has 512 token ids but the model's embedding has 99 rows"):
+        check_checkpoint(load_model(str(d)), load_tokenizer(str(d)), str(d))
+    check_checkpoint(load_model(str(tiny_full_dir)), load_tokenizer(str(tiny_full_dir)), "ok")
+
+
+def test_rows_longer_than_the_context_are_listed(tiny_full_dir, env):
+    short = _variant(env, "short_ctx", tiny_full_dir, edit_config=lambda c: c.update(max_position_embeddings=16))
+    model = load_model(str(short))
+    with pytest.raises(HarnessError) as exc:
+        check_lengths(model, [10, 40, 16, 17, 12], str(short), what="task 't' data role 'forget'")
+    assert str(exc.value) == (f"{short} has a context of 16 tokens but 2 row(s) of task 't' data role 'forget' are "
+                              "longer (rows 1, 3; up to 40 tokens): pass --max-length 15 to truncate them (the "
+                              "end-of-sequence token is appended after truncation)")
+    check_lengths(model, [16, 3], str(short), what="x")
+
+
+@eval_wired
+def test_eval_on_mismatched_or_short_checkpoints_says_what_to_pass(env, tiny_full_dir):
+    rc, _, err = _eval(env, str(_mismatched(env)), "--template", env / "template.yaml", check=False)
+    _one_error(rc, err, "512 token ids but the model's embedding has 99 rows")
+    short = _variant(env, "short_ctx", tiny_full_dir, edit_config=lambda c: c.update(max_position_embeddings=16))
+    rc, _, err = _eval(env, str(short), "--template", env / "template.yaml", check=False)
+    _one_error(rc, err, "has a context of 16 tokens", "pass --max-length 15")
+    rc, out, _ = _eval(env, str(short), "--template", env / "template.yaml", "--max-length", "15")
+    assert 0.0 <= _value(out) <= 1.0
+
+
+CUSTOM_CODE = """\
+import pathlib
+pathlib.Path({marker!r}).write_text("custom code ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+
+class MyConfig(LlamaConfig):
+    model_type = "my_llama"
+
+class MyModel(LlamaForCausalLM):
+    config_class = MyConfig
+"""
+
+
+def test_custom_code_runs_only_with_trust_remote_code(env, tiny_full_dir, tmp_path):
+    marker = tmp_path / "marker.txt"
+
+    def custom(cfg):
+        cfg.update(model_type="my_llama", architectures=["MyModel"],
+                   auto_map={"AutoConfig": "custom_llama.MyConfig", "AutoModelForCausalLM": "custom_llama.MyModel"})
+
+    d = _variant(env, "custom", tiny_full_dir, edit_config=custom)
+    (d / "custom_llama.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    rc, _, err = _eval(env, str(d), "--template", env / "template.yaml", check=False)
+    _one_error(rc, err, f"{d} contains custom model code", "pass --trust-remote-code")
+    assert not marker.exists()
+    # asked for: the code runs (in a child process, so transformers' module cache goes to a temp dir)
+    code = ("import sys; from harness.modeling import load_model, load_tokenizer; "
+            "load_tokenizer(sys.argv[1], trust_remote_code=True); "
+            "print(type(load_model(sys.argv[1], trust_remote_code=True)).__name__)")
+    r = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert r.returncode == 0, textwrap.shorten(r.stderr, 3000)
+    assert r.stdout.strip() == "MyModel"
+    assert marker.read_text() == "custom code ran"
