@@ -177,26 +177,39 @@ def finalize_template(choice: ModelChoice, tokenizer) -> Template:
                        "(YAML with user_start_tag, user_end_tag, asst_start_tag, asst_end_tag, ...)")
 
 
-_FAMILY_CHECKED: set[tuple[str, str]] = set()
+_FAMILY_CHECKED: dict[tuple[str, str], bool] = {}
 
 
 def check_reference_family(choice: ModelChoice, tokenizer) -> bool:
     """Warn (once per checkpoint and family) when the checkpoint's tokenizer differs from that of the
-    default reference: forget quality would compare two model families. Returns True when they differ."""
-    if not choice.family or (choice.start, choice.family) in _FAMILY_CHECKED:
+    default reference: forget quality would compare two model families. A default reference *model* of
+    another family is dropped (it is scored with the checkpoint's tokenizer, which it cannot read), so
+    metrics that need a reference ask for ``--reference``. Returns True when the families differ."""
+    if not choice.family:
         return False
-    _FAMILY_CHECKED.add((choice.start, choice.family))
-    from harness.modeling import load_tokenizer
+    key = (choice.start, choice.family)
+    if key in _FAMILY_CHECKED:
+        differs = _FAMILY_CHECKED[key]
+    else:
+        from harness.modeling import load_tokenizer
 
-    try:
-        ref_tok = load_tokenizer(choice.family)
-    except HarnessError as exc:  # offline hub: nothing to compare with; the reference loader reports it
-        log.debug("cannot compare tokenizers with %s: %s", choice.family, exc)
-        return False
-    if ref_tok.get_vocab() == tokenizer.get_vocab():
-        return False
-    log.warning("warning: the tokenizer of %s differs from that of the task's reference family (%s, reference %s): "
-                "forget quality and privleak would compare against a different model family; pass --reference "
-                "with a retain model or *_EVAL.json of your checkpoint's family", choice.start, choice.family,
-                choice.reference)
-    return True
+        try:
+            ref_tok = load_tokenizer(choice.family)
+        except HarnessError as exc:  # offline hub: nothing to compare with; the reference loader reports it
+            log.debug("cannot compare tokenizers with %s: %s", choice.family, exc)
+            _FAMILY_CHECKED[key] = False
+            return False
+        differs = _FAMILY_CHECKED[key] = ref_tok.get_vocab() != tokenizer.get_vocab()
+        if differs and choice.family == choice.reference:
+            log.warning("warning: the tokenizer of %s differs from that of the task's reference model %s (another "
+                        "model family), which therefore cannot be used: pass --reference with a retain model or "
+                        "*_EVAL.json of your checkpoint's family for forget quality and privleak", choice.start,
+                        choice.reference)
+        elif differs:
+            log.warning("warning: the tokenizer of %s differs from that of the task's reference family (%s, "
+                        "reference %s): forget quality and privleak compare against a different model family; "
+                        "pass --reference with a retain model or *_EVAL.json of your checkpoint's family",
+                        choice.start, choice.family, choice.reference)
+    if differs and choice.family == choice.reference:
+        choice.reference = None
+    return differs
