@@ -123,8 +123,13 @@ def test_chat_template_is_used_without_template_flag(env, tiny_full_dir):
     assert _value(out) == pytest.approx(_value(with_flag), rel=1e-6)
 
 
-def test_other_vocabulary_works_and_warns_about_the_reference_family(env, tiny_full_dir, tiny_retain99_dir, caplog):
-    from harness.profiles import finalize_template, resolve_model
+def _family_messages(caplog):
+    return [r.getMessage() for r in caplog.records if "differs from that of the task's reference" in r.getMessage()]
+
+
+def test_other_vocabulary_works_and_is_not_compared_with_another_family(env, tiny_full_dir, tiny_retain99_dir,
+                                                                       caplog):
+    from harness.profiles import _FAMILY_CHECKED, finalize_template, resolve_model
     from harness.testing import char_tokenizer, tiny_llama
 
     other = env / "charmodel"
@@ -135,22 +140,50 @@ def test_other_vocabulary_works_and_warns_about_the_reference_family(env, tiny_f
     rc, out, _ = _eval(env, str(other), "--template", env / "template.yaml")
     assert 0.0 <= _value(out) <= 1.0
 
+    _FAMILY_CHECKED.clear()
     task = plugins.get_registry().tasks["tofu_forget01"]
-    choice = resolve_model(str(other), task)
-    assert choice.reference == "tiny:retain99"  # the task's own reference, as for the tiny profile
-    with caplog.at_level(logging.WARNING, logger="harness"):
-        finalize_template(resolve_model(str(other), task, template_file=str(env / "template.yaml")),
-                          load_tokenizer(str(other)))
-    assert any("differs from that of the task's reference family (tiny:retain99" in r.getMessage()
-               for r in caplog.records)
-    caplog.clear()
+    tmpl = str(env / "template.yaml")
     same = _variant(env, "same_family", tiny_full_dir)
+    choice = resolve_model(str(same), task, template_file=tmpl)
+    assert choice.reference == "tiny:retain99"  # an outside checkpoint gets the task's own reference
     with caplog.at_level(logging.WARNING, logger="harness"):
-        finalize_template(resolve_model(str(same), task, template_file=str(env / "template.yaml")),
-                          load_tokenizer(str(same)))
-    assert not [r for r in caplog.records if "reference family" in r.getMessage()]
-    # an explicit --reference is the user's choice: no guessing, no warning
+        finalize_template(choice, load_tokenizer(str(same)))
+    assert not _family_messages(caplog) and choice.reference == "tiny:retain99"
+    # another vocabulary: the tiny retain model would be scored with a tokenizer it cannot read, so it is
+    # dropped with a warning and forget quality asks for --reference (never a comparison across families)
+    choice = resolve_model(str(other), task, template_file=tmpl)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        finalize_template(choice, load_tokenizer(str(other)))
+    (msg,) = _family_messages(caplog)
+    assert f"the tokenizer of {other} differs from that of the task's reference model tiny:retain99" in msg
+    assert "pass --reference" in msg and choice.reference is None
+    # an explicit --reference is the user's choice: no guessing, no check
     assert resolve_model(str(other), task, reference="logs/TOFU_EVAL.json").family is None
+
+
+def test_log_reference_of_another_family_warns(env, tiny_full_dir, monkeypatch, caplog):
+    """A default reference *log* is usable by any checkpoint, but its numbers come from the profile's family."""
+    from harness import profiles
+    from harness.testing import char_tokenizer, tiny_llama
+
+    fam = profiles.Profile(name="fam", tokenizer=str(tiny_full_dir), tasks={"t7_ext": {
+        "start": str(tiny_full_dir), "reference_log": "reference_logs/tofu_Llama-2-7b-chat-hf_retain99/TOFU_EVAL.json"}})
+    monkeypatch.setattr(profiles, "get_profiles", lambda: {"fam": fam})
+    profiles._FAMILY_CHECKED.clear()
+    task = plugins.get_registry(include_tasks=[env / "tasks"]).tasks["t7_ext"]
+    task = type(task)(**{**vars(task), "model": "fam"})
+    other = env / "charmodel2"
+    tok = char_tokenizer()
+    tiny_llama(tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    choice = profiles.resolve_model(str(other), task, template_file=str(env / "template.yaml"))
+    assert choice.reference.endswith("tofu_Llama-2-7b-chat-hf_retain99/TOFU_EVAL.json")
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        profiles.finalize_template(choice, load_tokenizer(str(other)))
+    (msg,) = _family_messages(caplog)
+    assert f"the tokenizer of {other} differs from that of the task's reference family ({tiny_full_dir}" in msg
+    assert "forget quality and privleak compare against a different model family" in msg
+    assert choice.reference.endswith("TOFU_EVAL.json")  # kept: a log needs no tokenizer
 
 
 def _mismatched(env):
