@@ -166,8 +166,10 @@ def consolidate(accelerator, prepared_model):
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    # The engine's parameter dtype (bf16 when DeepSpeed trains in bf16) is what a ZeRO-3 save would write.
+    dtype = next(model.parameters()).dtype
     with torch.device("meta"):
-        plain = type(model)(copy.deepcopy(model.config))
+        plain = type(model)(copy.deepcopy(model.config)).to(dtype)
     plain.to_empty(device=accelerator.device)
     params = dict(plain.named_parameters())
     for name, p in model.named_parameters():

@@ -36,19 +36,24 @@ def worker(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from harness import distributed
+    from harness.plugins import get_registry
     from harness.testing import char_tokenizer, tiny_llama, toy_data
     from harness.train import TrainConfig, unlearn
 
     tok = char_tokenizer()
-    forget, retain, _ = toy_data(tok)
+    forget, retain, idk = toy_data(tok)
     cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=2, per_device_batch=1, warmup_epochs=1,
                       optimizer="adamw_torch", accelerate="zero3")
     model = unlearn(tiny_llama(tok), tok, RecordingNPO(), forget, retain, cfg, out_dir=out, save_dir=out / "model")
     rank = int(os.environ["RANK"])
     checksum = float(sum(p.double().sum() for p in model.parameters()))
+    # IdkDPO memoises reference log-probs of idk pairs lazily: ranks miss at different times and must
+    # still run the sharded reference together (otherwise this hangs).
+    idk_model = unlearn(tiny_llama(tok), tok, get_registry().methods["idk_dpo"](), forget, retain,
+                        TrainConfig(**{**cfg.__dict__, "epochs": 1}), idk_items=idk)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world": int(os.environ["WORLD_SIZE"]), "seen": SEEN, "checksum": checksum,
-        "info": model.train_info, "embed_numel": model.model.embed_tokens.weight.numel(),
+        "info": model.train_info, "idk_info": idk_model.train_info, "embed_numel": model.model.embed_tokens.weight.numel(),
         # the evaluation-after-ZeRO-3 gotcha: loads after training must give plain, unpartitioned models
         "reloaded_numel": AutoModelForCausalLM.from_pretrained(out / "model").model.embed_tokens.weight.numel()}))
     distributed.clean_exit(0)
@@ -75,6 +80,9 @@ def test_npo_zero3_two_processes(tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["embed_numel"] > 0 and ranks[0]["reloaded_numel"] == ranks[1]["reloaded_numel"] > 0
     assert ranks[0]["info"]["grad_accum"] == 1 and ranks[0]["info"]["world_size"] == 2
+    # the forget set is precomputed on every rank (4 forwards), idk pairs on demand, in lock-step
+    assert all(r["idk_info"]["reference_forwards"] >= 4 for r in ranks)
+    assert ranks[0]["idk_info"]["reference_forwards"] == ranks[1]["idk_info"]["reference_forwards"]
     rows = read_jsonl(tmp_path / "train_log.jsonl")  # written once, by rank 0
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (tmp_path / "model" / "model.safetensors").is_file()
