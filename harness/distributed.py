@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -83,7 +82,8 @@ def make_accelerator(mode: str = "single", *, ds_config: dict | None = None, mix
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    if mode == "single" and not under_launcher():
+    if mode != "zero3" and not under_launcher():
+        # "ddp" without a launcher is one plain process (nothing to parallelise over)
         return Accelerator()
     # Only for distributed runs: passing a backend to a plain single process makes accelerate expect one.
     handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
@@ -225,9 +225,8 @@ def launch_command(argv: list[str], mode: str, *, num_processes: int | None = No
     if mode == "ddp" and not cuda:
         # accelerate's multi-CPU launch needs mpirun; torchrun with ACCELERATE_USE_CPU gives gloo DDP.
         env["ACCELERATE_USE_CPU"] = "1"
-        torchrun = shutil.which("torchrun")
-        launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-        return [*launcher, f"--nproc_per_node={n}", f"--master_port={_free_port()}", "-m", module, *argv], env
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                f"--master_port={_free_port()}", "-m", module, *argv], env
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file(mode)),
            "--main_process_port", str(_free_port())]
     if mode in MODES or explicit:
