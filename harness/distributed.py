@@ -240,20 +240,20 @@ def launch_command(argv: list[str], mode: str, *, num_processes: int | None = No
     return [*cmd, "-m", module, *argv], env
 
 
-def relaunch(argv: list[str], mode: str, *, num_processes: int | None = None) -> int | None:
+def relaunch(argv: list[str], mode: str, *, num_processes: int | None = None) -> int:
     """Re-run ``harness <argv>`` under the launcher for ``mode``; returns its exit code.
 
-    Returns None, and launches nothing, when ``mode`` is "single" or this process already runs under a
+    Returns -1, and launches nothing, when ``mode`` is "single" or this process already runs under a
     launcher: the caller then simply continues in-process. Typical CLI use::
 
         rc = distributed.relaunch(argv, args.accelerate)
-        if rc is not None:
+        if rc != -1:
             return rc
     """
     import subprocess
 
     if not mode or mode == "single" or under_launcher():
-        return None
+        return -1
     config_file(mode)  # a clear error for an unknown mode before anything starts
     cmd, env = launch_command(argv, mode, num_processes=num_processes)
     return subprocess.call(cmd, env=env)

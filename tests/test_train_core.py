@@ -126,7 +126,7 @@ def test_finetune_verb_builds_a_checkpoint(tmp_path):
 def test_relaunch_commands():
     from harness.distributed import CONFIG_DIR, launch_command, relaunch
 
-    assert relaunch(["run", "-t", "x"], "single") is None
+    assert relaunch(["run", "-t", "x"], "single") == -1
     cmd, env = launch_command(["run", "-t", "tofu_forget01"], "zero3", num_processes=2)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and env["HARNESS_LAUNCHED"] == "1"
     assert cmd[cmd.index("--config_file") + 1] == str(CONFIG_DIR / "zero3.yaml")
