@@ -6,8 +6,8 @@ third-party plugins do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 
 @dataclass

@@ -50,7 +50,7 @@ def default_source(ctx):
         p = ctx.task.prompt
         return Source("verbmem", field=p.get("target", "gt"), prompt=p.get("prefix", "prompt"), kind="text",
                       max_length=2048, insert_space=True)
-    return Source("forget_eval", field="answer", prompt=ctx.question_key)
+    return Source("forget_eval", field=ctx.answer_key, prompt=ctx.question_key)
 
 
 def _stats(ctx, source):

@@ -87,7 +87,7 @@ def default_sources(ctx):
         return (Source("mia_forget", field=text, prompt=None, kind="text", max_length=2048),
                 Source("mia_holdout", field=text, prompt=None, kind="text", max_length=2048))
     if "forget_eval" in data and "holdout" in data:
-        return (Source("forget_eval", field="answer", prompt=ctx.question_key),
+        return (Source("forget_eval", field=ctx.answer_key, prompt=ctx.question_key),
                 Source("holdout", field="answer", prompt="question"))
     raise HarnessError(f"task '{ctx.task.name}': MIA needs data roles forget_eval + holdout (TOFU) or "
                        f"mia_forget + mia_holdout (MUSE), or explicit forget:/holdout: sources")

@@ -135,8 +135,8 @@ def _wo_score(ctx, correct: str, wrong: str) -> Score:
     return Score(float(np.mean(vals)) if vals else None, per_sample={i: {"prob": v} for i, v in zip(idx, vals)})
 
 
-# forget / retain sets use the task's question column (open-unlearning's question_key);
-# real authors and world facts always use "question" (spec 6.3)
+# forget / retain sets use the task's question (and answer) column names, open-unlearning's
+# question_key; real authors and world facts always use "question"/"answer" (spec 6.3)
 _PROB = {
     "forget_Q_A_Prob": ("forget_eval", "answer", True, "lower"),
     "forget_Q_A_PARA_Prob": ("forget_eval", "paraphrased_answer", True, "lower"),
@@ -171,9 +171,13 @@ def _question(ctx, uses_qk: bool) -> str:
     return ctx.question_key if uses_qk else "question"
 
 
+def _answer(ctx, field: str, uses_qk: bool) -> str:
+    return ctx.answer_key if uses_qk and field == "answer" else field
+
+
 def _make_prob(name, role, field, uses_qk, better):
     def fn(ctx) -> Score:
-        return _prob_score(ctx, _qa(ctx, role, field, _question(ctx, uses_qk)))
+        return _prob_score(ctx, _qa(ctx, role, _answer(ctx, field, uses_qk), _question(ctx, uses_qk)))
 
     fn.__doc__ = f"Mean length-normalised probability of {role}.{field} (answer tokens + eos)."
     metric(name, better=better, into=METRICS)(fn)
@@ -181,7 +185,8 @@ def _make_prob(name, role, field, uses_qk, better):
 
 def _make_rouge(name, role, uses_qk, better):
     def fn(ctx, rouge_type: str = "rougeL_recall", max_new_tokens: int = 200, stop=()) -> Score:
-        return _rouge_score(ctx, _qa(ctx, role, "answer", _question(ctx, uses_qk)), rouge_type, max_new_tokens, stop)
+        src = _qa(ctx, role, _answer(ctx, "answer", uses_qk), _question(ctx, uses_qk))
+        return _rouge_score(ctx, src, rouge_type, max_new_tokens, stop)
 
     fn.__doc__ = f"ROUGE-L recall of greedy answers on {role} (max_new_tokens 200)."
     metric(name, better=better, into=METRICS)(fn)
