@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -86,7 +87,9 @@ def make_accelerator(mode: str = "single", *, ds_config: dict | None = None, mix
         # "ddp" without a launcher is one plain process (nothing to parallelise over)
         return Accelerator()
     # Only for distributed runs: passing a backend to a plain single process makes accelerate expect one.
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    # The long timeout covers rank 0 scoring a model while the other ranks already wait for the next run.
+    timeout = timedelta(seconds=int(os.environ.get("HARNESS_DIST_TIMEOUT", "10800")))
+    handlers = [InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)]
     if mode == "zero3" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         _single_process_env()
         plugin = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(ds_config or zero3_ds_config()))
