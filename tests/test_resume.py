@@ -45,7 +45,8 @@ data:
 metrics: [forget_Q_A_Prob]
 """
 
-METHODS = ("grad_ascent", "grad_diff", "simnpo")
+# a built-in, the example plugin (installed as a user would) and NPO: the plugin benchmarked next to NPO
+METHODS = ("grad_ascent", "wga", "npo")
 STEPS = 2  # --limit 4 rows, effective batch 2, one epoch
 
 
@@ -150,7 +151,13 @@ def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
     tasks.mkdir()
     (tasks / "t7_resume.yaml").write_text(TASK.format(root=ROOT))
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                          "--target", str(site), str(ROOT / "examples" / "harness-example-method")],
+                         capture_output=True, text=True, timeout=120)
+    assert pip.returncode == 0, pip.stderr
+    path = [str(ROOT), str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     popen = lambda: subprocess.Popen(_cmd(tasks, out), env=env, stdout=subprocess.PIPE,  # noqa: E731
                                      stderr=subprocess.PIPE, text=True)
 
@@ -165,19 +172,22 @@ def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
 
     # 2. SIGINT (Ctrl-C) in the middle of the second cell: exit 130, the message, nothing half-written kept
     p2 = popen()
-    _wait_for(lambda: any((d / "config.yaml").exists() for d in _cells(out, "grad_diff")) and p2.poll() is None, p2)
+    _wait_for(lambda: any((d / "config.yaml").exists() for d in _cells(out, "wga")) and p2.poll() is None, p2)
     p2.send_signal(signal.SIGINT)
     _, err2 = p2.communicate(timeout=120)
     assert p2.returncode == 130, err2[-3000:]
     assert "interrupted: finished runs are kept; rerun the same command to resume" in err2
     assert "Traceback" not in err2
-    assert not any(is_complete(d) for d in _cells(out, "grad_diff"))
+    assert not any(is_complete(d) for d in _cells(out, "wga"))
 
     # 3. two processes finish the grid together on the same results directory
     p3, p4 = popen(), popen()
     outs = [p.communicate(timeout=300) for p in (p3, p4)]
     assert (p3.returncode, p4.returncode) == (0, 0), [e[-3000:] for _, e in outs]
     logs = "\n".join(e for _, e in outs)
+    tables = "\n".join(o for o, _ in outs)
+    for m in METHODS:  # the printed summary has every method, the plugin's next to NPO's
+        assert re.search(rf"\| t7_resume \| {m} +\| 0 +\| \d", tables), tables
     assert logs.count("skip t7_resume x grad_ascent x seed 0: finished earlier") == 2
     assert ((first / "scores.json").read_bytes(), (first / "scores.json").stat().st_mtime_ns) == kept
     for m in METHODS:
