@@ -187,18 +187,23 @@ def guard_method(method, name: str, plugin: str):
     return guarded
 
 
-def check_data(task: Task, data_dir, limit) -> None:
+def check_data(task: Task, data_dir, limit, start: str | None = None) -> None:
     """Fail before any model is loaded when the training data cannot work: an empty forget/retain split or
-    rows without the fields the task's ``prompt`` names."""
+    rows without the fields the task's ``prompt`` names (``start``: the checkpoint, for MUSE's tiny fallback)."""
     from harness.data import load_split
 
-    keys = [task.field_name("text")] if task.benchmark == "MUSE" else [task.field_name("question"),
-                                                                        task.field_name("answer")]
+    muse_task = task.benchmark == "MUSE"
+    keys = [task.field_name("text")] if muse_task else [task.field_name("question"), task.field_name("answer")]
     for role in ("forget", "retain"):
         if role not in task.data:
             raise HarnessError(f"task '{task.name}' ({task.file}): no data role '{role}'; unlearning needs "
                                "data.forget and data.retain")
-        rows = load_split(task.data[role], data_dir)
+        if muse_task:
+            from harness import muse
+
+            rows = muse.corpus_rows(task, role, data_dir, tiny=muse.is_tiny_model(start))
+        else:
+            rows = load_split(task.data[role], data_dir)
         if limit:
             rows = rows[:limit]
         if not rows:
@@ -356,12 +361,12 @@ def main(args) -> int:
             return rc
     from harness.data import missing_splits
 
-    for task in {c.task.name: c.task for c in cells}.values():
+    for task, start in {c.task.name: (c.task, c.choice.start) for c in cells}.values():
         missing = missing_splits(task.data, args.data_dir)
         if missing:
             raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; "
                                "supply them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
-        check_data(task, args.data_dir, args.limit)
+        check_data(task, args.data_dir, args.limit, start)
     rows = []
     done_tasks = set()
     for cell in cells:
