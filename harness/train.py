@@ -364,6 +364,7 @@ def _run(
     log = _StepLog(out_dir, acc.is_main_process)
     gen = pairing_generator(cfg.seed, rank)
     params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
     bar = tqdm(total=steps["total_steps"], desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
     step = 0
     try:
@@ -384,12 +385,8 @@ def _run(
                         acc.backward(loss)
                     for key, val in {"loss": loss, **parts}.items():
                         sums[key] = sums.get(key, 0.0) + _scalar(val)
-                if dist_utils.is_deepspeed(acc):
-                    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                elif cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                else:
-                    grad_norm = acc.clip_grad_norm_(params, float("inf"))
+                # The pre-clipping norm, as HF logs it (DeepSpeed clips inside its step and reports it).
+                grad_norm = acc.clip_grad_norm_(params, max_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -406,6 +403,9 @@ def _run(
                 log.write(row)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 bar.update(1)
+    except BaseException:
+        dist_utils.release(acc)  # a later model load must not come out ZeRO-3 partitioned
+        raise
     finally:
         bar.close()
     acc.wait_for_everyone()
