@@ -29,6 +29,7 @@ from harness.paths import bundled_dir
 log = logging.getLogger("harness")
 
 RECIPE_VERSION = 1
+MAX_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,11 @@ def _train(model, tok, items: list[dict], epochs: int, size, desc: str):
 def _load(parent_dir):
     from harness.modeling import load_model, load_tokenizer
 
-    return load_model(str(parent_dir)), load_tokenizer(str(parent_dir))
+    model = load_model(str(parent_dir))
+    # MUSE items are BOS + up to 2048 tokens (spec 2.3/6.4), one more than the tiny base declares; Llama-2
+    # has a 4096 context. Rotary embeddings have no weights, so only the declared limit changes.
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, MAX_POSITIONS)
+    return model, load_tokenizer(str(parent_dir))
 
 
 def build_retrain(size, parent_dir_fn):

@@ -118,8 +118,15 @@ def test_tiny_run_uses_bundled_privleak_retain_texts_and_says_so(caplog):
     assert rows == _news("privleak", "retain")[:3]
     assert "privleak:retain" in caplog.text and "retain corpus" in caplog.text
     assert all(len(it["input_ids"]) <= 257 and it["labels"][0] == -100 for it in items)
-    forget, frows = runner._items(task, tok, None, "forget", None, 3, 256)
+    forget, frows = runner._items(task, tok, None, "forget", None, 3, 2048)
     assert frows == _news("raw", "forget")[:3]  # the forget corpus is the real raw/forget
+    # BOS + 2048-token chunks fit the tiny MUSE models' declared context
+    from harness.modeling import load_model
+    from harness.tiny import tiny_model_dir
+
+    longest = max(len(it["input_ids"]) for it in forget)
+    assert longest == 2049
+    assert load_model(str(tiny_model_dir("muse_news_target"))).config.max_position_embeddings >= longest
 
 
 def test_published_model_run_without_retain1_is_an_error():
