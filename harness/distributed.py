@@ -99,6 +99,22 @@ def make_accelerator(mode: str = "single", *, ds_config: dict | None = None, mix
     return Accelerator(kwargs_handlers=handlers, mixed_precision=mixed_precision)
 
 
+def rank() -> int:
+    """This process's global rank: from torch.distributed once initialised, else the launcher's ``RANK``.
+
+    (Before the first Accelerator exists the process group is not up yet, but the launcher has set RANK.)
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
 def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

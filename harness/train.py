@@ -660,15 +660,9 @@ def finetune_main(args) -> int:
     model = load_model(weights, dtype=dtype, trust_remote_code=trust)
     out = Path(args.output)
     model = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
-    if _is_main_process():
+    if dist_utils.is_main_process():
         write_yaml(out / "finetune.yaml", {"model": args.model, "split": split, "rows": len(items),
                                            "template": template.to_dict(), "dtype": dtype,
                                            "training": config_dict(cfg), "plan": model.train_info})
         print(f"finetuned {args.model} on TOFU {split} ({len(items)} rows) -> {out}")
     return 0
-
-
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
