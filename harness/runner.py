@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import HarnessError, __version__
+from harness.io import write_json
 from harness.methods import build_method
 from harness.plugins import get_registry
 from harness.profiles import ModelChoice, check_reference_placeholder, resolve_model
@@ -260,9 +261,14 @@ def run_cell(cell: Cell, args) -> dict | None:
                 "seed": cell.seed, "model": choice.label, "harness_version": __version__,
                 "train_seconds": round(time.time() - t0, 1)}
         evaluation.evaluate_task(task, model, tok, template, reference=choice.reference, out_dir=cell.dir,
-                                 batch_size=args.eval_batch_size, limit=args.limit, meta=meta,
-                                 attention_mask=args.attention_mask, data_dir=args.data_dir)
-        return _read_scores(cell.dir)
+                                 batch_size=args.eval_batch_size, limit=args.limit,
+                                 attention_mask=args.attention_mask, data_dir=args.data_dir,
+                                 model_label=choice.label, print_table=False,
+                                 reference_options={"dtype": choice.dtype, "trust_remote_code": args.trust_remote_code})
+        # run identity goes into scores.json too, so a results tree reads without its config.yaml
+        scores = {**_read_scores(cell.dir), **meta}
+        write_json(cell.dir / "scores.json", scores)
+        return scores
 
 
 def _is_main() -> bool:
@@ -286,8 +292,10 @@ def baseline(task: Task, choice: ModelChoice, args) -> dict | None:
                                 batch_size=args.eval_batch_size, limit=args.limit, data_dir=args.data_dir,
                                 attention_mask=args.attention_mask, trust_remote_code=args.trust_remote_code,
                                 include_tasks=args.include_tasks, plugins_dir=args.plugins_dir)
-    out = evaluation.run_eval(eargs)
-    return out.get(task.name) if isinstance(out, dict) else None
+    evaluation.main(eargs)
+    found = sorted((Path(args.output) / choice.label / task.name / "finetuned").glob("*/scores.json"),
+                   key=lambda p: p.stat().st_mtime)
+    return _read_scores(found[-1].parent) if found else None
 
 
 @dataclass
@@ -323,9 +331,15 @@ def print_grid(cells: list[Cell]) -> None:
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
-def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
-    from harness.evaluation import format_value
+def format_value(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4):
+        return f"{v:.3e}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
+
+def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     cols: list[str] = []
     for *_, sc in rows:
         for k in sc.get("metrics", {}):
@@ -359,13 +373,19 @@ def main(args) -> int:
         rc = distributed.relaunch(sys.argv[1:], args.accelerate)
         if rc != -1:
             return rc
+    from harness import muse
     from harness.data import missing_splits
 
     for task, start in {c.task.name: (c.task, c.choice.start) for c in cells}.values():
-        missing = missing_splits(task.data, args.data_dir)
-        if missing:
-            raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; "
-                               "supply them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
+        if muse.is_muse(task):
+            err = muse.missing_data_error(task, args.data_dir, tiny=muse.is_tiny_model(start))
+            if err:
+                raise err
+        else:
+            missing = missing_splits(task.data, args.data_dir)
+            if missing:
+                raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; supply "
+                                   "them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
         check_data(task, args.data_dir, args.limit, start)
     rows = []
     done_tasks = set()
