@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return evaluation.main(args) or 0
         if args.verb == "finetune":
-            from harness import train
+            from harness import distributed, train
 
+            if args.accelerate and args.accelerate != "single":
+                rc = distributed.relaunch(sys.argv[1:], args.accelerate)
+                if rc != -1:
+                    return rc
             return train.finetune_main(args) or 0
         if args.verb == "report":
             from harness import report

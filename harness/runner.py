@@ -272,9 +272,9 @@ def run_cell(cell: Cell, args) -> dict | None:
 
 
 def _is_main() -> bool:
-    import torch.distributed as dist
+    from harness.distributed import is_main_process
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return is_main_process()
 
 
 def _read_scores(d: Path) -> dict:
