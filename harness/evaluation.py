@@ -92,7 +92,7 @@ class EvalContext:
     def __init__(self, task, model, tokenizer, template, *, reference=None, batch_size: int = 32,
                  attention_mask: str = "reference", limit: int | None = None, progress: bool = True,
                  registry=None, data_dir=None, share: bool = True, sort: bool = True,
-                 reference_options: dict | None = None):
+                 reference_options: dict | None = None, label: str = "target"):
         if attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"attention_mask must be one of {ATTENTION_MASKS}, got {attention_mask!r}")
         if batch_size < 1:
@@ -108,6 +108,7 @@ class EvalContext:
         self.data_dir = data_dir
         self.share = share
         self.sort = sort
+        self.label = label  # names the model in progress bars
         self._registry = registry
         self._reference_spec = reference
         self._reference = None
@@ -215,7 +216,7 @@ class EvalContext:
         if key not in self._prims:
             items, layout = self._encode(source, generate=False)
             m = self.model if model == "target" else self.reference_model()
-            bar = self._tqdm(len(items), f"{model} forward {source.label()}")
+            bar = self._tqdm(len(items), f"{self.label if model == 'target' else 'reference'} forward {source.label()}")
             try:
                 vals = forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
                                      attention_mask=self.attention_mask, sort=self.sort, progress=bar)
@@ -245,7 +246,7 @@ class EvalContext:
             items, layout = self._encode(source, generate=True)
             if any(isinstance(s, list) for s in layout):
                 raise HarnessError(f"generation needs one target per row; '{source.label()}' is a list column")
-            bar = self._tqdm(len(items), f"generate {source.label()}")
+            bar = self._tqdm(len(items), f"{self.label} generate {source.label()}")
             try:
                 vals = generate(self.model, self.tokenizer, items, batch_size=self.batch_size,
                                 attention_mask=self.attention_mask, max_new_tokens=max_new_tokens,
@@ -277,7 +278,7 @@ class EvalContext:
         key = self._key("gradnorm", source, p)
         if key not in self._prims:
             items, layout = self._encode(source, generate=False)
-            bar = self._tqdm(len(items), f"gradnorm {source.label()}")
+            bar = self._tqdm(len(items), f"{self.label} gradnorm {source.label()}")
             try:
                 vals = gradnorms(self.model, items, self.pad_id, p=p, attention_mask=self.attention_mask, progress=bar)
             finally:

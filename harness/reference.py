@@ -113,7 +113,8 @@ class Reference:
         ctx = self._ctx
         rctx = EvalContext(ctx.task, self.load_model(), ctx.tokenizer, ctx.template, reference=None,
                            batch_size=ctx.batch_size, attention_mask=ctx.attention_mask, limit=ctx.limit,
-                           progress=ctx.progress, registry=ctx.registry, data_dir=ctx.data_dir)
+                           progress=ctx.progress, registry=ctx.registry, data_dir=ctx.data_dir,
+                           label="reference")
         if ctx.registry.metrics.get(key) is not None and ctx.registry.metrics[key].needs_reference:
             raise HarnessError(f"metric '{key}' cannot be scored on the reference model itself (it needs a reference)")
         rctx.score(key)
