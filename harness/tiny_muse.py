@@ -28,7 +28,7 @@ from harness.paths import bundled_dir
 
 log = logging.getLogger("harness")
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 MAX_POSITIONS = 4096
 
 
@@ -45,8 +45,8 @@ class MuseRecipe:
 
 
 RECIPES = {
-    "default": MuseRecipe(chunk=256, docs=None, doc_tokens=2048, verbmem_context=128, qa=None, qa_epochs=12,
-                          text_epochs=1, verbmem_epochs=5),
+    "default": MuseRecipe(chunk=256, docs=None, doc_tokens=2048, verbmem_context=128, qa=None, qa_epochs=4,
+                          text_epochs=1, verbmem_epochs=2),
     "test": MuseRecipe(chunk=128, docs=12, doc_tokens=1024, verbmem_context=64, qa=24, qa_epochs=2,
                        text_epochs=1, verbmem_epochs=1),
 }
