@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from harness import HarnessError
+
 IGNORE = -100
 
 
@@ -94,3 +96,19 @@ def kl_retain(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     cur = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.size(-1))
     ref = F.log_softmax(ref_logits.float(), dim=-1).reshape(-1, ref_logits.size(-1))
     return F.kl_div(cur, ref, reduction="batchmean", log_target=True)
+
+
+RETAIN_LOSS_TYPES = ("NLL", "KL")
+
+
+def check_retain_loss_type(method: str, value: str) -> None:
+    if value not in RETAIN_LOSS_TYPES:
+        raise HarnessError(f"{method}.retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}, got {value!r}")
+
+
+def retain_loss(model, part: dict, ref, loss_type: str = "NLL") -> torch.Tensor:
+    """GradDiff's retain term (spec section 3): HF token-mean NLL, or KL to the frozen start model."""
+    logits = forward_logits(model, part)
+    if loss_type == "KL":
+        return kl_retain(logits, ref.logits(part))
+    return token_mean_nll(logits, part["labels"])

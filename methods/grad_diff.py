@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from harness import HarnessError, hookimpl
-from harness.losses import forward_logits, kl_retain, token_mean_nll
+from harness import hookimpl
+from harness.losses import check_retain_loss_type, forward_logits, retain_loss, token_mean_nll
 from harness.methods import Method
 
 
@@ -23,16 +23,14 @@ class GradDiff(Method):
     retain_loss_type: str = "NLL"
 
     def __post_init__(self):
-        if self.retain_loss_type not in ("NLL", "KL"):
-            raise HarnessError(f"grad_diff.retain_loss_type must be NLL or KL, got {self.retain_loss_type!r}")
+        check_retain_loss_type("grad_diff", self.retain_loss_type)
         # Only the KL retain loss needs the frozen start model.
         self.needs_reference = self.retain_loss_type == "KL"
 
     def loss(self, model, batch, ref):
         f, r = batch["forget"], batch["retain"]
         forget = -token_mean_nll(forward_logits(model, f), f["labels"])
-        logits = forward_logits(model, r)
-        retain = kl_retain(logits, ref.logits(r)) if self.retain_loss_type == "KL" else token_mean_nll(logits, r["labels"])
+        retain = retain_loss(model, r, ref, self.retain_loss_type)
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 

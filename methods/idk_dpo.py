@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from harness import HarnessError, hookimpl
-from harness.losses import dpo_loss, forward_logits, kl_retain, sequence_logprob, token_mean_nll
+from harness import hookimpl
+from harness.losses import check_retain_loss_type, dpo_loss, forward_logits, retain_loss, sequence_logprob
 from harness.methods import Method
 
 
@@ -27,8 +27,7 @@ class IdkDPO(Method):
     retain_loss_type: str = "NLL"
 
     def __post_init__(self):
-        if self.retain_loss_type not in ("NLL", "KL"):
-            raise HarnessError(f"idk_dpo.retain_loss_type must be NLL or KL, got {self.retain_loss_type!r}")
+        check_retain_loss_type("idk_dpo", self.retain_loss_type)
         self.reference_logprobs_only = self.retain_loss_type == "NLL"
 
     def loss(self, model, batch, ref):
@@ -36,8 +35,7 @@ class IdkDPO(Method):
         lose = sequence_logprob(forward_logits(model, f), f["labels"])
         win = sequence_logprob(forward_logits(model, w), w["labels"])
         forget = dpo_loss(win, ref.sequence_logprob(w, "idk"), lose, ref.sequence_logprob(f, "forget"), self.beta)
-        logits = forward_logits(model, r)
-        retain = kl_retain(logits, ref.logits(r)) if self.retain_loss_type == "KL" else token_mean_nll(logits, r["labels"])
+        retain = retain_loss(model, r, ref, self.retain_loss_type)
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from harness import HarnessError, hookimpl
-from harness.losses import forward_logits, kl_retain, npo_loss, sequence_logprob, token_mean_nll
+from harness import hookimpl
+from harness.losses import check_retain_loss_type, forward_logits, npo_loss, retain_loss, sequence_logprob
 from harness.methods import Method
 
 
@@ -25,8 +25,7 @@ class NPO(Method):
     retain_loss_type: str = "NLL"
 
     def __post_init__(self):
-        if self.retain_loss_type not in ("NLL", "KL"):
-            raise HarnessError(f"npo.retain_loss_type must be NLL or KL, got {self.retain_loss_type!r}")
+        check_retain_loss_type("npo", self.retain_loss_type)
         # With an NLL retain term only cached reference log-probs are needed, not the live model.
         self.reference_logprobs_only = self.retain_loss_type == "NLL"
 
@@ -34,8 +33,7 @@ class NPO(Method):
         f, r = batch["forget"], batch["retain"]
         logp = sequence_logprob(forward_logits(model, f), f["labels"])
         forget = npo_loss(logp, ref.sequence_logprob(f, "forget"), self.beta)
-        logits = forward_logits(model, r)
-        retain = kl_retain(logits, ref.logits(r)) if self.retain_loss_type == "KL" else token_mean_nll(logits, r["labels"])
+        retain = retain_loss(model, r, ref, self.retain_loss_type)
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness import hookimpl
-from harness.losses import forward_logits, simnpo_loss, token_mean_nll
+from harness.losses import forward_logits, retain_loss, simnpo_loss
 from harness.methods import Method
 
 
@@ -27,7 +27,7 @@ class SimNPO(Method):
     def loss(self, model, batch, ref):
         f, r = batch["forget"], batch["retain"]
         forget = simnpo_loss(forward_logits(model, f), f["labels"], self.beta, self.delta)
-        retain = token_mean_nll(forward_logits(model, r), r["labels"])
+        retain = retain_loss(model, r, ref)
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 

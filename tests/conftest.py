@@ -15,6 +15,23 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and parallel test workers thrash with them."""
+    from harness.testing import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The character-level tokenizer of ``harness.testing`` (for tests that build their own tiny Llama)."""
+    from harness.testing import char_tokenizer
+
+    return char_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_full_dir():
     from harness.tiny import tiny_model_dir

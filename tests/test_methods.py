@@ -8,7 +8,7 @@ import torch
 
 from harness.losses import forward_logits, sequence_logprob, token_mean_nll
 from harness.plugins import get_registry
-from harness.testing import char_tokenizer, one_step, single_thread, tiny_llama, toy_data
+from harness.testing import one_step, tiny_llama, toy_data
 from harness.train import Reference, collate
 
 REGISTRY = get_registry()
@@ -23,17 +23,6 @@ SPEC_DEFAULTS = {
 }
 DISPLAY = {"grad_ascent": "GradAscent", "grad_diff": "GradDiff", "npo": "NPO", "idk_dpo": "IdkDPO",
            "simnpo": "SimNPO"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY.methods))

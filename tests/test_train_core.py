@@ -8,19 +8,8 @@ import torch
 from harness import HarnessError
 from harness.io import read_jsonl
 from harness.losses import forward_logits, token_mean_nll
-from harness.testing import char_tokenizer, single_thread, tiny_llama, toy_data
+from harness.testing import tiny_llama, toy_data
 from harness.train import TrainConfig, collate, finetune, plan
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 def _mean_nll(model, tok, items):

@@ -10,21 +10,10 @@ from harness.io import read_jsonl
 from harness.losses import forward_logits, token_mean_nll
 from harness.methods import Method
 from harness.plugins import get_registry
-from harness.testing import char_tokenizer, single_thread, tiny_llama, toy_data
+from harness.testing import tiny_llama, toy_data
 from harness.train import TrainConfig, epoch_order, pairing_generator, unlearn
 
 METHODS = get_registry().methods
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")
