@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -128,8 +129,21 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _complete(d: Path) -> bool:
-    return (d / ".complete").is_file() and (d / "config.json").is_file()
+def _recipe_version(kind: str):
+    """Builders registered by other modules carry their own recipe version (bumping it rebuilds)."""
+    return getattr(EXTRA_KINDS.get(kind), "recipe_version", None)
+
+
+def _complete(d: Path, kind: str | None = None) -> bool:
+    marker = d / ".complete"
+    if not (marker.is_file() and (d / "config.json").is_file()):
+        return False
+    if kind is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("recipe_version") == _recipe_version(kind)
+    except (OSError, ValueError):
+        return False
 
 
 def _qa_items(tokenizer, rows: list[dict]) -> list[dict]:
@@ -177,13 +191,13 @@ def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
     spec = SIZES[size_name]
     base = root(size_name)
     out = base / kind
-    if _complete(out):
+    if _complete(out, kind):
         return out
     with _lock(base / f".{kind}.lock"):
-        if _complete(out):
+        if _complete(out, kind):
             return out
         if out.exists():
-            log.warning("tiny model cache %s is incomplete or corrupt: rebuilding it", out)
+            log.warning("tiny model cache %s is stale, incomplete or corrupt: rebuilding it", out)
             shutil.rmtree(out)
         import torch
 
@@ -208,6 +222,7 @@ def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / ".complete", {"kind": kind, "size": size_name, **asdict(spec)})
+        write_json(tmp / ".complete", {"kind": kind, "size": size_name, "recipe_version": _recipe_version(kind),
+                                       **asdict(spec)})
         os.replace(tmp, out)
     return out

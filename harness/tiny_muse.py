@@ -155,6 +155,8 @@ def _books(kind: str):
 
 
 def register(extra: dict) -> None:
+    for fn in (build_retrain, build_target):
+        fn.recipe_version = RECIPE_VERSION
     extra.setdefault("muse_news_retrain", build_retrain)
     extra.setdefault("muse_news_target", build_target)
     extra.setdefault("muse_books_retrain", _books("muse_books_retrain"))
