@@ -300,6 +300,15 @@ def published_model_names(model: str, benchmark: str, published: dict) -> list[s
     return names
 
 
+def is_counterpart(model: str, published_model: str) -> bool:
+    """True when `published_model` is the same model as ours (not a fallback for orientation)."""
+    return (
+        model == published_model
+        or PUBLISHED_MODELS.get(model) == published_model
+        or published_model.lower() in model.lower()
+    )
+
+
 def difference(metric: str, ours: float | None, published: float | None) -> float | None:
     """ours - published; in log10 for forget quality. None (n/a) when a finite gap does not exist."""
     if ours is None or published is None:
@@ -748,7 +757,10 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                     capsize=3,
                     alpha=0.6 if cell.partial else 1.0,
                 )
-        pub_model = t.compare_with[0] if published is not None and len(t.compare_with) == 1 else None
+        # Published points only beside their own model: the tiny model has no counterpart to overlay.
+        pub_model = (
+            next((p for p in t.compare_with if is_counterpart(t.model, p)), None) if published else None
+        )
         if pub_model:
             for display in t.rows:
                 for task, split in t.splits:

@@ -309,6 +309,13 @@ def test_published_model_mapping():
     assert report.published_model_names("tiny", "muse", published) == ["Llama-2-7b-hf"]
 
 
+def test_counterpart_only_for_real_mappings():
+    assert report.is_counterpart("llama2-7b", "Llama-2-7b-hf")
+    assert report.is_counterpart("open-unlearning__tofu_Llama-2-7b-chat-hf_full", "Llama-2-7b-chat-hf")
+    assert not report.is_counterpart("tiny", "Llama-2-7b-hf")
+    assert not report.is_counterpart("llama2-7b-chat", "Llama-3.2-1B-Instruct")
+
+
 def test_partial_marked_and_complete_config_preferred(tmp_path):
     old = write_run(tmp_path, "m", "tofu_forget01", "npo", 0, tofu(0.5, 0.5, 0.5), config="aaaaaaaa")
     write_run(tmp_path, "m", "tofu_forget01", "npo", 0, tofu(0.1, 0.1, 0.1), config="bbbbbbbb", partial=True)
