@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tasks", required=True)
     p.add_argument("-o", "--output", default="results")
     p.add_argument("--name", default="eval", help="row name in results and reports (e.g. finetuned, retain)")
+    p.add_argument("--retain-model", action="store_true",
+                   help="score the profile's retain (reference) model of each task instead of its start model (the Retain row)")
     p.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
     p.add_argument("--overwrite", action="store_true")
     _model_args(p)

@@ -492,7 +492,7 @@ def main(args) -> int:
     from harness.modeling import load_model, load_tokenizer
     from harness.plugins import get_registry
     from harness.profiles import check_reference_placeholder, finalize_template, resolve_model
-    from harness.results import claim, is_complete, write_config
+    from harness.results import add_identity, claim, is_complete, write_config
     from harness.tasks import select
 
     reg = get_registry(plugins_dirs=getattr(args, "plugins_dir", None) or (),
@@ -506,7 +506,8 @@ def main(args) -> int:
     for tname in names:
         task = reg.tasks[tname]
         choice = resolve_model(getattr(args, "model", None), task, template_file=getattr(args, "template", None),
-                               reference=getattr(args, "reference", None))
+                               reference=getattr(args, "reference", None),
+                               retain=bool(getattr(args, "retain_model", False)))
         key = (choice.start, choice.tokenizer, choice.dtype)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
@@ -533,6 +534,9 @@ def main(args) -> int:
                           limit=limit, attention_mask=attention_mask, registry=reg,
                           data_dir=getattr(args, "data_dir", None), model_label=choice.label,
                           reference_options={"dtype": dtype, "trust_remote_code": bool(getattr(args, "trust_remote_code", False))})
+            name = getattr(args, "name", None) or "eval"
+            add_identity(out, method=name, method_display={"finetuned": "Finetuned", "retain": "Retain"}.get(name, name),
+                         seed=0, model=choice.label)
             print(f"results: {out}")
     return 0
 

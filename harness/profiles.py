@@ -103,9 +103,13 @@ def _label_for(model: str) -> str:
 
 
 def resolve_model(model: str | None, task: Task, *, template_file: str | None = None,
-                  reference: str | None = None) -> ModelChoice:
+                  reference: str | None = None, retain: bool = False) -> ModelChoice:
+    """``retain``: the profile's retain (reference) checkpoint is the model to score (the Retain row)."""
     profiles = get_profiles()
     model = model or task.model or "tiny"
+    if retain and model not in profiles:
+        raise HarnessError(f"--retain-model needs a model profile ({', '.join(profiles)}); for a checkpoint "
+                           "of your own pass the retain model itself as --model")
     template = load_template_file(template_file) if template_file else None
     if model in profiles:
         prof = profiles[model]
@@ -116,6 +120,10 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                                "pass a checkpoint with --model DIR|HUB_ID and --reference")
         ref = reference or task.reference or _profile_reference(entry)
         start = entry["start"]
+        if retain:
+            start = entry.get("reference_model")
+            if not start:
+                raise HarnessError(f"model profile '{model}' names no reference_model for task '{task.name}'")
         return ModelChoice(label=model, start=start, tokenizer=prof.tokenizer or start,
                            template=template or prof.template, dtype=prof.dtype,
                            reference=format_reference(ref, task) if ref else None,

@@ -821,9 +821,9 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    from harness.io import _atomic_write_bytes
+    from harness.io import write_bytes
 
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.io import config_hash, write_yaml
+from harness.io import config_hash, write_json, write_yaml
 
 
 def run_dir(output, model: str, task: str, method: str, config: dict, seed: int) -> Path:
@@ -70,3 +70,10 @@ def provenance() -> dict:
 
 def write_config(d: Path, config: dict, extra: dict | None = None) -> None:
     write_yaml(d / "config.yaml", {**config, **(extra or {}), **provenance()})
+
+
+def add_identity(d: Path, **fields) -> dict:
+    """Record what a run is (method, display name, seed, ...) in its scores.json, atomically."""
+    scores = {**json.loads((Path(d) / "scores.json").read_text()), **fields}
+    write_json(Path(d) / "scores.json", scores)
+    return scores

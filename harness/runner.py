@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import HarnessError, __version__
-from harness.io import write_json
 from harness.methods import build_method
 from harness.plugins import get_registry
 from harness.profiles import ModelChoice, check_reference_placeholder, resolve_model
-from harness.results import claim, is_complete, run_dir, write_config
+from harness.results import add_identity, claim, is_complete, run_dir, write_config
 from harness.tasks import Task, select
 
 log = logging.getLogger("harness")
@@ -266,9 +265,7 @@ def run_cell(cell: Cell, args) -> dict | None:
                                  model_label=choice.label, print_table=False,
                                  reference_options={"dtype": choice.dtype, "trust_remote_code": args.trust_remote_code})
         # run identity goes into scores.json too, so a results tree reads without its config.yaml
-        scores = {**_read_scores(cell.dir), **meta}
-        write_json(cell.dir / "scores.json", scores)
-        return scores
+        return add_identity(cell.dir, **meta)
 
 
 def _is_main() -> bool:
