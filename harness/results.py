@@ -35,12 +35,23 @@ def is_complete(d: Path) -> bool:
 
 @contextlib.contextmanager
 def claim(d: Path):
-    """Exclusive claim on a run directory; yields False when another process holds it."""
+    """Exclusive claim on a run directory; yields False when another process holds it.
+
+    Under a multi-process launch the ranks of one job work on the same cell together: only rank 0
+    locks, and it waits for the lock instead of skipping, so every rank takes the same decision.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
     d.mkdir(parents=True, exist_ok=True)
+    if world > 1 and rank != 0:
+        yield True
+        return
     fh = open(d / ".lock", "w")
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if world > 1 else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
