@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if not _has_cuda_hint():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator probe
     try:
+        if args.verb in ("run", "eval", "finetune"):
+            # Probe once, before transformers/datasets read HF_HUB_OFFLINE at import: a failed probe
+            # switches them to offline mode instead of ~50 s of retries per hub name.
+            from harness.hub import hub_available
+
+            hub_available()
         if args.verb in ("ls", "validate"):
             from harness import listing
 

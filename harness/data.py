@@ -92,7 +92,7 @@ def _load(spec: DataSpec, data_dir: str | None) -> tuple[dict, ...]:
         raise HarnessError(
             f"dataset split {spec.label()} is not available offline and is not bundled; "
             f"supply it with {where} or run with hub access")
-    notice_once("offline-data", "Hugging Face hub not reachable (or HF_HUB_OFFLINE=1): using bundled/local data copies")
+    notice_once("offline", "Hugging Face hub not reachable (or HF_HUB_OFFLINE=1): using bundled/local data copies")
     return tuple(_rows_from_file(p, spec))
 
 

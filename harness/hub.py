@@ -21,14 +21,16 @@ def hub_available() -> bool:
     """True when the hub answers a TCP connect within 3 s (never tried under HF_HUB_OFFLINE=1)."""
     if offline_env():
         return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    netloc = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = netloc.partition(":")
     try:
-        with socket.create_connection((host, 443), timeout=3):
+        with socket.create_connection((host, int(port or 443)), timeout=3):
             return True
-    except OSError:
+    except (OSError, ValueError):
         # Later loads must not spend ~50 s each retrying name resolution.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
+        notice_once("offline", f"Hugging Face hub ({netloc}) not reachable: working offline with bundled data and local files")
         return False
 
 
