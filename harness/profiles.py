@@ -62,11 +62,22 @@ class ModelChoice:
     # set when the reference was taken from the task's default profile for a checkpoint without one:
     # the tokenizer source of that reference family, compared with the checkpoint's (finalize_template)
     family: str | None = None
+    data: dict = field(default_factory=dict)  # unlearning data the profile substitutes (role -> DataSpec)
+    note: str | None = None                   # why it does so, said once per run
 
     def to_config(self) -> dict:
         return {"label": self.label, "start": self.start, "tokenizer": self.tokenizer, "dtype": self.dtype,
                 "template": self.template.to_dict() if self.template else None,
-                "reference": self.reference, "profile": self.profile}
+                "reference": self.reference, "profile": self.profile,
+                "data": {k: vars(v) for k, v in self.data.items()}}
+
+    def apply(self, task: Task) -> Task:
+        """The task as this model trains on it: the profile's data substitutions applied."""
+        if not self.data:
+            return task
+        import dataclasses
+
+        return dataclasses.replace(task, data={**task.data, **self.data})
 
 
 def task_split(task: Task) -> str:
@@ -127,7 +138,8 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
         return ModelChoice(label=model, start=start, tokenizer=prof.tokenizer or start,
                            template=template or prof.template, dtype=prof.dtype,
                            reference=format_reference(ref, task) if ref else None,
-                           training=dict(prof.training), profile=model)
+                           training={**prof.training, **(entry.get("training") or {})}, profile=model,
+                           data=_entry_data(model, task, entry), note=entry.get("note"))
     if model.startswith("tiny:"):
         return ModelChoice(label=model.replace(":", "_"), start=model, tokenizer=model,
                            template=template or get_profiles()["tiny"].template, dtype="float32",
@@ -159,6 +171,23 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
 def _has_log(ref: str) -> bool:
     p = Path(ref)
     return p.is_dir() and (any(p.glob("*_EVAL.json")) or any(p.glob("*_SUMMARY.json")))
+
+
+ENTRY_KEYS = ("start", "reference_model", "reference_log", "data", "training", "note")
+
+
+def _entry_data(profile: str, task: Task, entry: dict) -> dict:
+    from harness.tasks import DATA_KEYS, DataSpec
+
+    for k in entry:
+        if k not in ENTRY_KEYS:
+            raise HarnessError(f"registry.yaml: models.{profile}.tasks.{task.name}: unknown key '{k}'{suggest(k, ENTRY_KEYS)}")
+    out = {}
+    for role, spec in (entry.get("data") or {}).items():
+        if not isinstance(spec, dict) or "path" not in spec or set(spec) - set(DATA_KEYS):
+            raise HarnessError(f"registry.yaml: models.{profile}.tasks.{task.name}.data.{role}: expected {{path, name, split}}")
+        out[role] = DataSpec(str(spec["path"]), spec.get("name"), spec.get("split", "train"))
+    return out
 
 
 def _profile_reference(entry: dict) -> str | None:

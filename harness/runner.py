@@ -107,6 +107,7 @@ def expand(args, reg) -> list[Cell]:
     for tname in tasks:
         task = reg.tasks[tname]
         choice = resolve_model(args.model, task, template_file=args.template, reference=args.reference)
+        task = choice.apply(task)
         for mname in methods:
             cls = reg.methods[mname]
             plugin = reg.sources.get(("methods", mname), "?")
@@ -325,6 +326,8 @@ def print_grid(cells: list[Cell]) -> None:
         print(f"[{i}] {c.task.name} x {c.method_name} x seed {c.seed}  model={c.choice.label}  ({status}) -> {c.dir}")
         resolved = {"start": c.choice.start, "reference": c.choice.reference,
                     "method": c.config["method"]["params"], "training": c.config["training"]}
+        if c.choice.data:
+            resolved["data"] = {role: spec.label() for role, spec in c.choice.data.items()}
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
@@ -384,6 +387,8 @@ def main(args) -> int:
                 raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; supply "
                                    "them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
         check_data(task, args.data_dir, args.limit, start)
+    for note in dict.fromkeys(c.choice.note for c in cells if c.choice.note):
+        log.warning(note)
     rows = []
     done_tasks = set()
     for cell in cells:
