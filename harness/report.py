@@ -393,6 +393,17 @@ def fmt_diff(metric: str, diff: float | None) -> str:
     return f"{diff:+.2f}" if metric in LOG_METRICS else f"{diff:+.2e}"
 
 
+def _delta_header(metric: str) -> str:
+    return "Δlog10" if metric in LOG_METRICS else "Δ"
+
+
+def _compare_cells(metric: str, record: dict | None) -> list[str]:
+    """ours / published / difference, as the markdown and HTML comparison tables show them."""
+    if record is None:
+        return ["-", "-", "n/a"]
+    return [record["ours_text"], fmt(record["published"]), fmt_diff(metric, record["diff"])]
+
+
 def cell_text(table: Table, cell: Cell | None, metric: str) -> str:
     if cell is None:
         return "-"
@@ -518,18 +529,14 @@ def render_markdown(tables: list[Table], published: dict | None) -> str:
                     out.append("")
                     header = ["method"]
                     for m in t.metrics:
-                        header += [f"{m} ours", "published", "Δlog10" if m in LOG_METRICS else "Δ"]
+                        header += [f"{m} ours", "published", _delta_header(m)]
                     out.append("| " + " | ".join(header) + " |")
                     out.append("|" + "---|" * len(header))
                     by = {(r["method"], r["metric"]): r for r in records if r["task"] == task}
                     for display in dict.fromkeys(r["method"] for r in records):
                         row = [display]
                         for m in t.metrics:
-                            r = by.get((display, m))
-                            if r is None:
-                                row += ["-", "-", "n/a"]
-                            else:
-                                row += [r["ours_text"], fmt(r["published"]), fmt_diff(m, r["diff"])]
+                            row += _compare_cells(m, by.get((display, m)))
                         out.append("| " + " | ".join(row) + " |")
                     out.append("")
     notes = _notes(tables, published is not None)
@@ -578,23 +585,17 @@ def render_html(tables: list[Table], published: dict | None) -> str:
             out.append("</tr><tr>")
             for _ in t.splits:
                 for m in t.metrics:
-                    delta = "Δlog10" if m in LOG_METRICS else "Δ"
-                    out.append(f"<th>{e(m)} ours</th><th>published</th><th>{delta}</th>")
+                    out.append(f"<th>{e(m)} ours</th><th>published</th><th>{_delta_header(m)}</th>")
             out.append("</tr>")
             by = {(r["method"], r["task"], r["metric"]): r for r in records}
             for display in dict.fromkeys(r["method"] for r in records):
-                tds = []
-                for task, _ in t.splits:
-                    for m in t.metrics:
-                        r = by.get((display, task, m))
-                        if r is None:
-                            tds.append("<td>-</td><td>-</td><td>n/a</td>")
-                        else:
-                            tds.append(
-                                f"<td>{e(r['ours_text'])}</td><td>{e(fmt(r['published']))}</td>"
-                                f"<td>{e(fmt_diff(m, r['diff']))}</td>"
-                            )
-                out.append(f"<tr><td>{e(display)}</td>{''.join(tds)}</tr>")
+                tds = "".join(
+                    f"<td>{e(cell)}</td>"
+                    for task, _ in t.splits
+                    for m in t.metrics
+                    for cell in _compare_cells(m, by.get((display, task, m)))
+                )
+                out.append(f"<tr><td>{e(display)}</td>{tds}</tr>")
             out.append("</table>")
     notes = _notes(tables, published is not None)
     if notes:
