@@ -92,7 +92,7 @@ class EvalContext:
     def __init__(self, task, model, tokenizer, template, *, reference=None, batch_size: int = 32,
                  attention_mask: str = "reference", limit: int | None = None, progress: bool = True,
                  registry=None, data_dir=None, share: bool = True, sort: bool = True,
-                 reference_options: dict | None = None, label: str = "target"):
+                 reference_options: dict | None = None, label: str = "target", max_length: int | None = None):
         if attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"attention_mask must be one of {ATTENTION_MASKS}, got {attention_mask!r}")
         if batch_size < 1:
@@ -109,6 +109,7 @@ class EvalContext:
         self.share = share
         self.sort = sort
         self.label = label  # names the model in progress bars
+        self.max_length = max_length  # --max-length: caps every source's max_length
         self._registry = registry
         self._reference_spec = reference
         self._reference = None
@@ -169,6 +170,7 @@ class EvalContext:
         shots = ()
         if source.fewshot:
             shots = tuple((r[source.prompt], r[source.field]) for r in self.rows_all(source.fewshot))
+        max_length = min(source.max_length, self.max_length) if self.max_length else source.max_length
         items, layout = [], []
         for n, row in enumerate(rows):
             if source.field not in row:
@@ -184,16 +186,20 @@ class EvalContext:
                         raise HarnessError(f"task '{self.task.name}': data role '{source.role}' has no "
                                            f"question field '{source.prompt}'")
                     it = encode_qa(self.tokenizer, self.template, q, t, fewshot=shots,
-                                   max_length=source.max_length, generate=generate)
+                                   max_length=max_length, generate=generate)
                 elif source.kind == "text":
                     prefix = (row.get(source.prompt) or "") if source.prompt else ""
-                    it = encode_text(self.tokenizer, prefix, t or "", max_length=source.max_length,
+                    it = encode_text(self.tokenizer, prefix, t or "", max_length=max_length,
                                      insert_space=source.insert_space, generate=generate)
                 else:
                     raise HarnessError(f"unknown data source kind {source.kind!r} (qa or text)")
                 slots.append(len(items))
                 items.append(it)
             layout.append(slots if multi else slots[0])
+        from harness.modeling import check_lengths
+
+        check_lengths(self.model, [len(it["input_ids"]) for it in items], getattr(self.model, "name_or_path", "") or "the model",
+                      what=f"task '{self.task.name}' data role '{source.role}'")
         return items, layout
 
     def rows_all(self, role: str) -> list[dict]:
@@ -433,7 +439,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   limit: int | None = None, metrics=None, progress: bool = True,
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, print_table: bool = True, share: bool = True,
-                  sort: bool = True, reference_options: dict | None = None) -> dict[str, Score]:
+                  sort: bool = True, reference_options: dict | None = None,
+                  max_length: int | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
@@ -444,7 +451,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     """
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
-                      data_dir=data_dir, share=share, sort=sort, reference_options=reference_options)
+                      data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
+                      max_length=max_length)
     wanted = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in (metrics or task.metrics)]
     reg = ctx.registry
     for name, _ in wanted:
@@ -489,7 +497,7 @@ def _template_dict(template) -> dict | None:
 def main(args) -> int:
     """``harness eval``: score a checkpoint (profile, hub id or directory) on the selected tasks."""
     from harness.io import config_hash
-    from harness.modeling import load_model, load_tokenizer
+    from harness.modeling import check_checkpoint, load_model, load_tokenizer
     from harness.plugins import get_registry
     from harness.profiles import check_reference_placeholder, finalize_template, resolve_model
     from harness.results import add_identity, claim, is_complete, write_config
@@ -515,10 +523,12 @@ def main(args) -> int:
             tok = load_tokenizer(choice.tokenizer, trust_remote_code=trc)
             dtype = choice.dtype if choice.dtype != "auto" else _auto_dtype(choice.start)
             loaded[key] = (load_model(choice.start, dtype=dtype, trust_remote_code=trc, device=_device()), tok, dtype)
+            check_checkpoint(loaded[key][0], tok, choice.start)
         model, tok, dtype = loaded[key]
         template = finalize_template(choice, tok)
         config = {"task": task.to_config(), "model": choice.to_config(), "template": _template_dict(template),
                   "eval": {"batch_size": batch_size, "attention_mask": attention_mask, "limit": limit, "dtype": dtype,
+                           "max_length": getattr(args, "max_length", None),
                            "metric_versions": {n: reg.metrics[n].version for n, _ in task.metrics if n in reg.metrics}}}
         out = Path(args.output) / choice.label / task.name / (getattr(args, "name", None) or "eval") / f"{config_hash(config)}-s0"
         if is_complete(out) and not getattr(args, "overwrite", False):
@@ -533,7 +543,7 @@ def main(args) -> int:
             evaluate_task(task, model, tok, template, reference=choice.reference, out_dir=out, batch_size=batch_size,
                           limit=limit, attention_mask=attention_mask, registry=reg,
                           data_dir=getattr(args, "data_dir", None), model_label=choice.label,
-                          reference_options={"dtype": dtype, "trust_remote_code": bool(getattr(args, "trust_remote_code", False))})
+                          max_length=getattr(args, "max_length", None), reference_options={"dtype": dtype, "trust_remote_code": bool(getattr(args, "trust_remote_code", False))})
             name = getattr(args, "name", None) or "eval"
             add_identity(out, method=name, method_display={"finetuned": "Finetuned", "retain": "Retain"}.get(name, name),
                          seed=0, model=choice.label)

@@ -122,7 +122,8 @@ def expand(args, reg) -> list[Cell]:
                 config = {"task": task.to_config(), "model": choice.to_config(),
                           "method": {"name": mname, "params": dataclasses.asdict(method)},
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
-                          "eval": {"batch_size": args.eval_batch_size, "attention_mask": args.attention_mask},
+                          "eval": {"batch_size": args.eval_batch_size, "attention_mask": args.attention_mask,
+                                   "max_length": args.max_length},
                           "limit": args.limit, "seed": seed, "data_dir": args.data_dir}
                 d = run_dir(args.output, choice.label, tname, mname, config, seed)
                 cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
@@ -264,6 +265,7 @@ def run_cell(cell: Cell, args) -> dict | None:
                                  batch_size=args.eval_batch_size, limit=args.limit,
                                  attention_mask=args.attention_mask, data_dir=args.data_dir,
                                  model_label=choice.label, print_table=False,
+                                 max_length=args.max_length,
                                  reference_options={"dtype": choice.dtype, "trust_remote_code": args.trust_remote_code})
         # run identity goes into scores.json too, so a results tree reads without its config.yaml
         return add_identity(cell.dir, **meta)

@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 from conftest import ROOT, run_cli
-from test_resume import needs_e2e  # skips `harness run` end to end while the runner/eval engine seam is open
 
 from harness import HarnessError, plugins, runner
 
@@ -198,7 +197,6 @@ def test_plugin_raising_in_loss_is_named(tmp_path):
     assert str(exc.value) == "method 'boom' from plugin 'plugs/boomloss.py' failed: KeyError: 'no such key in the plugin'"
 
 
-@needs_e2e
 def test_plugin_raising_in_loss_keeps_finished_cells(tmp_path):
     d = tmp_path / "plugs"
     d.mkdir()

@@ -1,7 +1,6 @@
 """Checkpoints trained elsewhere: `harness eval --model DIR` on odd tokenizers and configs works, or fails
 with one line that says what to pass; custom model code runs only with --trust-remote-code."""
 
-import inspect
 import itertools
 import json
 import logging
@@ -14,7 +13,7 @@ import textwrap
 import pytest
 from conftest import ROOT, run_cli
 
-from harness import HarnessError, evaluation, plugins
+from harness import HarnessError, plugins
 from harness.modeling import check_checkpoint, check_lengths, load_model, load_tokenizer
 
 TASK = """\
@@ -39,10 +38,6 @@ asst_end_tag: "\\n"
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
                  "{% else %}<|assistant|>{{ m['content'] }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-eval_wired = pytest.mark.skipif(
-    "check_checkpoint" not in inspect.getsource(evaluation) or "check_lengths" not in inspect.getsource(evaluation),
-    reason="harness eval does not call modeling.check_checkpoint / check_lengths yet (requested from the eval engine)")
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +212,6 @@ def test_rows_longer_than_the_context_are_listed(tiny_full_dir, env):
     check_lengths(model, [16, 3], str(short), what="x")
 
 
-@eval_wired
 def test_eval_on_mismatched_or_short_checkpoints_says_what_to_pass(env, tiny_full_dir):
     rc, _, err = _eval(env, str(_mismatched(env)), "--template", env / "template.yaml", check=False)
     _one_error(rc, err, "512 token ids but the model's embedding has 99 rows")

@@ -13,25 +13,9 @@ import time
 import pytest
 from conftest import ROOT
 
-from harness import evaluation, runner
+from harness import runner
 from harness.io import write_json
 from harness.results import claim, is_complete
-
-
-def e2e_gaps() -> list[str]:
-    """Names the runner takes from the eval engine that do not exist (yet): `harness run` cannot finish."""
-    import inspect
-
-    src = inspect.getsource(runner)
-    names = set(re.findall(r"evaluation\.(\w+)\(", src)) | {
-        n.strip() for m in re.findall(r"from harness\.evaluation import ([\w, ]+)", src) for n in m.split(",")}
-    gaps = sorted(n for n in names if not hasattr(evaluation, n))
-    if "meta=meta" in src and "meta" not in inspect.signature(evaluation.evaluate_task).parameters:
-        gaps.append("evaluate_task(meta=...)")
-    return gaps
-
-
-needs_e2e = pytest.mark.skipif(bool(e2e_gaps()), reason=f"runner needs from harness.evaluation: {e2e_gaps()}")
 
 TASK = """\
 task: t7_resume
@@ -145,7 +129,6 @@ def _wait_for(pred, proc, timeout=240):
         time.sleep(0.05)
 
 
-@needs_e2e
 def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
