@@ -3,6 +3,23 @@
 # own grid (splits, methods, published training arguments) and calls these in order:
 #   grid_options DEFAULT_MODELS "$@"; for each model: grid_model_args / grid_add_cells; grid_run NAME
 
+# grid_usage SCRIPT: the --help text; the wrapper gives its own --model lines on stdin.
+grid_usage() {
+  echo "usage: scripts/$1 [--model PROFILE[,PROFILE]|tiny] [--seeds 0,1,2] [-o DIR]"
+  printf '%*s%s\n' $(( ${#1} + 16 )) '' "[--shard i/n] [--dry-run] [--limit N] [--accelerate CFG] [-- RUN_ARGS...]"
+  echo
+  cat
+  cat <<'EOF'
+  --seeds       comma-separated seeds for every unlearning cell (default 0)
+  -o/--output   results folder (default results)
+  --shard i/n   run only cells i, i+n, i+2n, ... (0-based; e.g. a Slurm array task id)
+  --dry-run     print the grid, one command per line, and exit (no harness call)
+  --limit N     first N rows of every split (smoke test; results are marked partial)
+  --accelerate  accelerate preset or config for unlearning runs (default zero3; none on tiny)
+  -- ARGS       passed to every `harness run` (e.g. -- --set npo.beta=0.2)
+EOF
+}
+
 grid_options() {
   local default_models="$1"
   shift

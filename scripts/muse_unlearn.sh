@@ -9,20 +9,10 @@
 set -uo pipefail
 
 usage() {
-  cat <<'EOF'
-usage: scripts/muse_unlearn.sh [--model PROFILE[,PROFILE]|tiny] [--seeds 0,1,2] [-o DIR]
-                               [--shard i/n] [--dry-run] [--limit N] [--accelerate CFG] [-- RUN_ARGS...]
-
+  grid_usage muse_unlearn.sh <<'EOF'
   --model       model profiles (default: llama2-7b); `tiny` (or env HARNESS_MODEL=tiny) runs the
                 same grid on the embedded model on CPU with its own training defaults (News only:
                 MUSE-Books data is not bundled, so Books is reported as skipped)
-  --seeds       comma-separated seeds for every unlearning cell (default 0)
-  -o/--output   results folder (default results)
-  --shard i/n   run only cells i, i+n, i+2n, ... (0-based; e.g. a Slurm array task id)
-  --dry-run     print the grid, one command per line, and exit (no harness call)
-  --limit N     first N rows of every split (smoke test; results are marked partial)
-  --accelerate  accelerate preset or config for unlearning runs (default zero3; none on tiny)
-  -- ARGS       passed to every `harness run` (e.g. -- --set npo.beta=0.2)
 EOF
 }
 
