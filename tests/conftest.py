@@ -61,4 +61,19 @@ def run_cli(*argv, check=True):
     return rc, out.getvalue(), err.getvalue()
 
 
+def cheap_task_yaml(name: str, description: str) -> str:
+    """A forget01 task scored by one cheap metric (no generation, no reference), for fast end-to-end runs."""
+    return f"""\
+task: {name}
+include: {ROOT}/tasks/tofu/_base.yaml
+description: {description}
+data:
+  forget: {{path: locuslab/TOFU, name: forget01}}
+  retain: {{path: locuslab/TOFU, name: retain99}}
+  forget_eval: {{path: locuslab/TOFU, name: forget01_perturbed}}
+  holdout: {{path: locuslab/TOFU, name: holdout01}}
+metrics: [forget_Q_A_Prob]
+"""
+
+
 sys.modules.setdefault("harness_test_helpers", sys.modules[__name__])

@@ -10,28 +10,19 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, cheap_task_yaml, run_cli
 
 from harness import HarnessError, plugins, runner
 
-CHEAP_TASK = """\
-task: @NAME@
-include: @ROOT@/tasks/tofu/_base.yaml
-description: forget01 with one cheap metric (no generation, no reference), for tests
-data:
-  forget: {path: locuslab/TOFU, name: forget01}
-  retain: {path: locuslab/TOFU, name: retain99}
-  forget_eval: {path: locuslab/TOFU, name: forget01_perturbed}
-  holdout: {path: locuslab/TOFU, name: holdout01}
-metrics: [forget_Q_A_Prob]
-"""
+# task_dir fills @NAME@ with the file stem
+CHEAP_TASK = cheap_task_yaml("@NAME@", "forget01 with one cheap metric (no generation, no reference), for tests")
 
 
 def task_dir(tmp_path, files: dict) -> str:
     d = tmp_path / "tasks"
     d.mkdir(exist_ok=True)
     for name, text in files.items():
-        (d / name).write_text(textwrap.dedent(text).replace("@ROOT@", str(ROOT)).replace("@NAME@", name.split(".")[0]))
+        (d / name).write_text(textwrap.dedent(text).replace("@NAME@", name.split(".")[0]))
     return str(d)
 
 
@@ -100,22 +91,17 @@ def test_unknown_data_field_before_any_model_work(tmp_path, finished):
     assert not (finished / "tiny_full" / "t7_field").exists()  # failed before creating any run directory
 
 
-def test_empty_forget_split(tmp_path, finished):
+@pytest.mark.parametrize("text, needle", [
+    ("", "task 'tofu_forget01': data role 'forget' (locuslab/TOFU/forget01:train) is empty"),
+    ('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n', "forget01.jsonl:2: invalid JSON line"),
+], ids=["empty_forget_split", "malformed_line_names_file_and_line"])
+def test_bad_forget_data_file(tmp_path, finished, text, needle):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "forget01.jsonl").write_text("")
+    (data / "forget01.jsonl").write_text(text)
     rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "grad_ascent", "--data-dir", data, "-o", finished,
                          check=False)
-    one_error(rc, err, "task 'tofu_forget01': data role 'forget' (locuslab/TOFU/forget01:train) is empty")
-
-
-def test_malformed_data_line_names_file_and_line(tmp_path, finished):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "forget01.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n')
-    rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "grad_ascent", "--data-dir", data, "-o", finished,
-                         check=False)
-    one_error(rc, err, "forget01.jsonl:2: invalid JSON line")
+    one_error(rc, err, needle)
 
 
 # ------------------------------------------------------------------------------- hyper-parameters

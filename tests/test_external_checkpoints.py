@@ -11,22 +11,12 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, cheap_task_yaml, run_cli
 
 from harness import HarnessError, plugins
 from harness.modeling import check_checkpoint, check_lengths, load_model, load_tokenizer
 
-TASK = """\
-task: t7_ext
-include: {root}/tasks/tofu/_base.yaml
-description: forget01 with one cheap metric, for outside checkpoints
-data:
-  forget: {{path: locuslab/TOFU, name: forget01}}
-  retain: {{path: locuslab/TOFU, name: retain99}}
-  forget_eval: {{path: locuslab/TOFU, name: forget01_perturbed}}
-  holdout: {{path: locuslab/TOFU, name: holdout01}}
-metrics: [forget_Q_A_Prob]
-"""
+TASK = cheap_task_yaml("t7_ext", "forget01 with one cheap metric, for outside checkpoints")
 TEMPLATE = """\
 apply_chat_template: false
 user_start_tag: "<|user|>"
@@ -49,7 +39,7 @@ def fresh_registry(monkeypatch):
 def env(tmp_path_factory, tiny_full_dir):
     base = tmp_path_factory.mktemp("ext")
     (base / "tasks").mkdir()
-    (base / "tasks" / "t7_ext.yaml").write_text(TASK.format(root=ROOT))
+    (base / "tasks" / "t7_ext.yaml").write_text(TASK)
     (base / "template.yaml").write_text(TEMPLATE)
     return base
 

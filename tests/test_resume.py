@@ -11,23 +11,13 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, cheap_task_yaml
 
 from harness import runner
 from harness.io import write_json
 from harness.results import claim, is_complete
 
-TASK = """\
-task: t7_resume
-include: {root}/tasks/tofu/_base.yaml
-description: forget01 with one cheap metric, for the resume tests
-data:
-  forget: {{path: locuslab/TOFU, name: forget01}}
-  retain: {{path: locuslab/TOFU, name: retain99}}
-  forget_eval: {{path: locuslab/TOFU, name: forget01_perturbed}}
-  holdout: {{path: locuslab/TOFU, name: holdout01}}
-metrics: [forget_Q_A_Prob]
-"""
+TASK = cheap_task_yaml("t7_resume", "forget01 with one cheap metric, for the resume tests")
 
 # a built-in, the example plugin (installed as a user would) and NPO: the plugin benchmarked next to NPO
 METHODS = ("grad_ascent", "wga", "npo")
@@ -96,7 +86,7 @@ def test_runner_skips_a_cell_another_process_holds(tmp_path, monkeypatch):
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "t7_resume.yaml").write_text(TASK.format(root=ROOT))
+    (tasks / "t7_resume.yaml").write_text(TASK)
     args = build_parser().parse_args(["run", "-t", "t7_resume", "-m", "grad_ascent", "--model", "tiny:full",
                                       "--include-tasks", str(tasks), "-o", str(tmp_path / "res"), "--limit", "2"])
     (cell,) = runner.expand(args, get_registry(include_tasks=args.include_tasks))
@@ -132,7 +122,7 @@ def _wait_for(pred, proc, timeout=240):
 def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "t7_resume.yaml").write_text(TASK.format(root=ROOT))
+    (tasks / "t7_resume.yaml").write_text(TASK)
     out = tmp_path / "results"
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
