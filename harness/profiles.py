@@ -162,10 +162,22 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
             ref = format_reference(ref, task) if ref else None
             is_model = ref is not None and not ref.endswith(".json") and not _has_log(ref)
             family = ref if is_model else (default.tokenizer or entry["start"])
+    if template is None and looks_local:
+        template = checkpoint_template(Path(model).expanduser())
     return ModelChoice(label=_label_for(model), start=str(Path(model).expanduser()) if looks_local else model,
                        tokenizer=str(Path(model).expanduser()) if looks_local else model,
                        template=template, dtype="bfloat16" if not looks_local else "auto",
                        reference=ref, family=family)
+
+
+CHECKPOINT_TEMPLATE = "harness_template.yaml"
+
+
+def checkpoint_template(directory: Path) -> Template | None:
+    """A checkpoint directory may carry its prompt template (``harness_template.yaml``, template_args
+    keys); the embedded tiny models do, so their directories score like any other checkpoint."""
+    f = Path(directory) / CHECKPOINT_TEMPLATE
+    return load_template_file(str(f)) if f.is_file() else None
 
 
 def _has_log(ref: str) -> bool:

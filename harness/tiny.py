@@ -183,6 +183,15 @@ def _recipe(kind: str, size: TinySize) -> tuple[str | None, list[dict] | None, i
 EXTRA_KINDS: dict = {}
 
 
+def _write_template(d: Path) -> None:
+    """The tiny template travels with each checkpoint, so ``--model <dir>`` needs no ``--template``."""
+    from harness.io import write_yaml
+    from harness.profiles import CHECKPOINT_TEMPLATE
+
+    if not (d / CHECKPOINT_TEMPLATE).is_file():
+        write_yaml(d / CHECKPOINT_TEMPLATE, {k: v for k, v in TINY_TEMPLATE.to_dict().items() if v is not None})
+
+
 def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
     """Directory of the tiny checkpoint ``kind`` (HF format, tokenizer included), built if missing."""
     from harness import tiny_muse  # noqa: F401  (registers the MUSE kinds in EXTRA_KINDS)
@@ -192,6 +201,7 @@ def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
     base = root(size_name)
     out = base / kind
     if _complete(out, kind):
+        _write_template(out)
         return out
     with _lock(base / f".{kind}.lock"):
         if _complete(out, kind):
@@ -222,6 +232,7 @@ def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_template(tmp)
         write_json(tmp / ".complete", {"kind": kind, "size": size_name, "recipe_version": _recipe_version(kind),
                                        **asdict(spec)})
         os.replace(tmp, out)

@@ -31,3 +31,14 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     assert d2 == d and (d / ".complete").is_file()
     load_model(str(d2))
     shutil.rmtree(tmp_path / "tiny")
+
+
+def test_checkpoint_dir_carries_its_template(tiny_full_dir):
+    """``--model <tiny dir>`` scores like the profile: the directory holds its prompt template."""
+    from harness.plugins import get_registry
+    from harness.profiles import resolve_model
+
+    task = get_registry().tasks["tofu_forget01"]
+    choice = resolve_model(str(tiny_full_dir), task)
+    assert choice.template == tiny.TINY_TEMPLATE
+    assert resolve_model("tiny", task).template == choice.template
