@@ -48,7 +48,8 @@ def _variant(env, name, tiny_full_dir, edit_tokenizer=None, edit_config=None):
     d = env / name
     if d.exists():
         return d
-    shutil.copytree(tiny_full_dir, d)
+    # a plain outside checkpoint: without the prompt template the tiny directories carry
+    shutil.copytree(tiny_full_dir, d, ignore=shutil.ignore_patterns("harness_template.yaml"))
     if edit_tokenizer:
         from transformers import AutoTokenizer
 
