@@ -98,8 +98,9 @@ def test_tokenizer_without_pad_token_scores_like_the_original(env, tiny_full_dir
 
 
 def test_no_chat_template_says_pass_template(env, tiny_full_dir):
-    rc, _, err = _eval(env, str(tiny_full_dir), check=False)
-    _one_error(rc, err, f"model '{tiny_full_dir}' has no chat template and no profile: pass --template FILE")
+    plain = _variant(env, "plain", tiny_full_dir)
+    rc, _, err = _eval(env, str(plain), check=False)
+    _one_error(rc, err, f"model '{plain}' has no chat template and no profile: pass --template FILE")
 
 
 def test_chat_template_is_used_without_template_flag(env, tiny_full_dir):
