@@ -23,7 +23,7 @@ from typing import Any
 
 import pluggy
 
-from harness import PROJECT, HarnessError, hookimpl, hookspec
+from harness import PROJECT, HarnessError, __version__, hookimpl, hookspec
 from harness.io import read_yaml
 from harness.paths import builtin_root
 
@@ -216,9 +216,9 @@ def build_registry(*, plugins_dirs=(), include_tasks=(), strict: bool | None = N
     loader = _Loader(strict)
     doc = read_registry_file()
     for entry in _expand(doc.get("plugins", [])):
-        loader.load(PluginInfo(f"builtin:{entry}", "builtin", "unlearn-harness"), _builtin_importer(entry))
+        loader.load(PluginInfo(f"builtin:{entry}", "builtin", "unlearn-harness", __version__), _builtin_importer(entry))
     task_dirs = [builtin_root() / d for d in doc.get("tasks", [])]
-    loader.load(PluginInfo("builtin:tasks", "builtin", "unlearn-harness"), lambda: _task_dir_plugin(task_dirs))
+    loader.load(PluginInfo("builtin:tasks", "builtin", "unlearn-harness", __version__), lambda: _task_dir_plugin(task_dirs))
     if entry_points:
         allow = os.environ.get("HARNESS_PLUGINS")
         allowed = None if allow is None else {_norm(a) for a in allow.split(",") if a.strip()}
