@@ -419,7 +419,7 @@ def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple
 
 
 def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: list[str], *,
-                  model_label: str, partial: bool, settings: dict) -> None:
+                  model_label: str, partial: bool, settings: dict, identity: dict | None = None) -> None:
     """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker)."""
     out_dir = Path(out_dir)
     bench = task.benchmark
@@ -432,7 +432,7 @@ def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: 
         metrics[n] = {"value": _plain(s.value), "better": getattr(m, "better", None),
                       "version": getattr(m, "version", None), "top_level": n in top}
     write_json(out_dir / "scores.json", {"task": task.name, "task_version": task.version, "model": model_label,
-                                         "partial": partial, "eval": settings, "metrics": metrics})
+                                         **(identity or {}), "partial": partial, "eval": settings, "metrics": metrics})
 
 
 def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = 32,
@@ -440,7 +440,7 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, print_table: bool = True, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
-                  max_length: int | None = None) -> dict[str, Score]:
+                  max_length: int | None = None, identity: dict | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
@@ -478,7 +478,7 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                     "harness_version": __version__, "template": _template_dict(template),
                     "reference": ctx._reference.describe() if ctx._reference is not None else None}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
-                      partial=bool(limit), settings=settings)
+                      partial=bool(limit), settings=settings, identity=identity)
     if print_table:
         print(render_table(score_rows(ctx.scores, reg, top), title=f"{task.name} ({model_label or 'model'})"))
     return dict(ctx.scores)
@@ -500,7 +500,7 @@ def main(args) -> int:
     from harness.modeling import check_checkpoint, load_model, load_tokenizer
     from harness.plugins import get_registry
     from harness.profiles import check_reference_placeholder, finalize_template, resolve_model
-    from harness.results import add_identity, claim, is_complete, write_config
+    from harness.results import claim, is_complete, write_config
     from harness.tasks import select
 
     reg = get_registry(plugins_dirs=getattr(args, "plugins_dir", None) or (),
@@ -543,12 +543,15 @@ def main(args) -> int:
             evaluate_task(task, model, tok, template, reference=choice.reference, out_dir=out, batch_size=batch_size,
                           limit=limit, attention_mask=attention_mask, registry=reg,
                           data_dir=getattr(args, "data_dir", None), model_label=choice.label,
-                          max_length=getattr(args, "max_length", None), reference_options={"dtype": dtype, "trust_remote_code": bool(getattr(args, "trust_remote_code", False))})
-            name = getattr(args, "name", None) or "eval"
-            add_identity(out, method=name, method_display={"finetuned": "Finetuned", "retain": "Retain"}.get(name, name),
-                         seed=0, model=choice.label)
+                          max_length=getattr(args, "max_length", None),
+                          identity=_eval_identity(getattr(args, "name", None) or "eval"), reference_options={"dtype": dtype, "trust_remote_code": bool(getattr(args, "trust_remote_code", False))})
             print(f"results: {out}")
     return 0
+
+
+def _eval_identity(name: str) -> dict:
+    """What an eval run is in the results tree: the row name (finetuned, retain, ...) and seed 0."""
+    return {"method": name, "method_display": {"finetuned": "Finetuned", "retain": "Retain"}.get(name, name), "seed": 0}
 
 
 def _print_existing(out: Path, reg) -> None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.io import config_hash, write_json, write_yaml
+from harness.io import config_hash, write_yaml
 
 
 def run_dir(output, model: str, task: str, method: str, config: dict, seed: int) -> Path:
@@ -55,6 +55,9 @@ def claim(d: Path):
         except BlockingIOError:
             yield False
             return
+        # temp files of a process killed mid-write (SIGKILL) are garbage once we hold the lock
+        for stale in d.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         yield True
     finally:
         fh.close()
@@ -82,9 +85,3 @@ def provenance() -> dict:
 def write_config(d: Path, config: dict, extra: dict | None = None) -> None:
     write_yaml(d / "config.yaml", {**config, **(extra or {}), **provenance()})
 
-
-def add_identity(d: Path, **fields) -> dict:
-    """Record what a run is (method, display name, seed, ...) in its scores.json, atomically."""
-    scores = {**json.loads((Path(d) / "scores.json").read_text()), **fields}
-    write_json(Path(d) / "scores.json", scores)
-    return scores

@@ -17,7 +17,7 @@ from harness import HarnessError, __version__
 from harness.methods import build_method
 from harness.plugins import get_registry
 from harness.profiles import ModelChoice, check_reference_placeholder, resolve_model
-from harness.results import add_identity, claim, is_complete, run_dir, write_config
+from harness.results import claim, is_complete, run_dir, write_config
 from harness.tasks import Task, select
 
 log = logging.getLogger("harness")
@@ -265,10 +265,9 @@ def run_cell(cell: Cell, args) -> dict | None:
                                  batch_size=args.eval_batch_size, limit=args.limit,
                                  attention_mask=args.attention_mask, data_dir=args.data_dir,
                                  model_label=choice.label, print_table=False,
-                                 max_length=args.max_length,
+                                 max_length=args.max_length, identity=meta,
                                  reference_options={"dtype": choice.dtype, "trust_remote_code": args.trust_remote_code})
-        # run identity goes into scores.json too, so a results tree reads without its config.yaml
-        return add_identity(cell.dir, **meta)
+        return _read_scores(cell.dir)
 
 
 def _is_main() -> bool:

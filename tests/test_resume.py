@@ -144,8 +144,11 @@ def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
     assert not any(is_complete(d) for m in METHODS[1:] for d in _cells(out, m))
 
     # 2. SIGINT (Ctrl-C) in the middle of the second cell: exit 130, the message, nothing half-written kept
+    # (the killed process may already have left a config.yaml in the wga cell: wait for p2's own)
+    started = time.time_ns()
     p2 = popen()
-    _wait_for(lambda: any((d / "config.yaml").exists() for d in _cells(out, "wga")) and p2.poll() is None, p2)
+    _wait_for(lambda: any((d / "config.yaml").exists() and (d / "config.yaml").stat().st_mtime_ns > started
+                          for d in _cells(out, "wga")) and p2.poll() is None, p2)
     p2.send_signal(signal.SIGINT)
     _, err2 = p2.communicate(timeout=120)
     assert p2.returncode == 130, err2[-3000:]
