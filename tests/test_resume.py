@@ -131,8 +131,11 @@ def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
     assert pip.returncode == 0, pip.stderr
     path = [str(ROOT), str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    # SIG_DFL in the child: a shell job started with `&` ignores SIGINT and its children inherit that,
+    # which would make Python skip installing its KeyboardInterrupt handler
     popen = lambda: subprocess.Popen(_cmd(tasks, out), env=env, stdout=subprocess.PIPE,  # noqa: E731
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     # 1. SIGKILL as soon as the first cell has finished
     p1 = popen()
