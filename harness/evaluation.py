@@ -496,6 +496,12 @@ def _template_dict(template) -> dict | None:
 # ---------------------------------------------------------------- harness eval
 def main(args) -> int:
     """``harness eval``: score a checkpoint (profile, hub id or directory) on the selected tasks."""
+    score(args)
+    return 0
+
+
+def score(args) -> dict[str, Path]:
+    """Score the selected tasks; returns each task's run directory (finished now, earlier, or by another process)."""
     from harness.io import config_hash
     from harness.modeling import check_checkpoint, load_model, load_tokenizer
     from harness.plugins import get_registry
@@ -511,6 +517,7 @@ def main(args) -> int:
     limit = getattr(args, "limit", None)
     batch_size = getattr(args, "batch_size", None) or 32
     loaded: dict[tuple, tuple] = {}
+    dirs: dict[str, Path] = {}
     for tname in names:
         task = reg.tasks[tname]
         choice = resolve_model(getattr(args, "model", None), task, template_file=getattr(args, "template", None),
@@ -531,6 +538,7 @@ def main(args) -> int:
                            "max_length": getattr(args, "max_length", None),
                            "metric_versions": {n: reg.metrics[n].version for n, _ in task.metrics if n in reg.metrics}}}
         out = Path(args.output) / choice.label / task.name / (getattr(args, "name", None) or "eval") / f"{config_hash(config)}-s0"
+        dirs[task.name] = out
         if is_complete(out) and not getattr(args, "overwrite", False):
             print(f"{task.name}: results exist in {out} (use --overwrite to recompute)")
             _print_existing(out, reg)
@@ -546,7 +554,7 @@ def main(args) -> int:
                           max_length=getattr(args, "max_length", None),
                           identity=_eval_identity(getattr(args, "name", None) or "eval"), reference_options={"dtype": dtype, "trust_remote_code": bool(getattr(args, "trust_remote_code", False))})
             print(f"results: {out}")
-    return 0
+    return dirs
 
 
 def _eval_identity(name: str) -> dict:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,12 +160,38 @@ def _items(task: Task, tok, template, role: str, data_dir, limit, max_length):
 
 
 def _idk_items(task: Task, tok, template, forget_rows, data_dir, max_length):
+    """``items[i][j]``: forget question i with idk answer j, encoded when first drawn (each example draws one
+    alternative per epoch, so encoding all 100 answers for every row up front wastes nearly all of it)."""
     from harness.data import load_split
     from harness.formatting import encode_qa
 
     idk = [r["text"] for r in load_split(task.data_spec("idk"), data_dir)]
     q = task.field_name("question")
-    return [[encode_qa(tok, template, r[q], ans, max_length=max_length) for ans in idk] for r in forget_rows]
+    memo: dict[tuple[int, int], dict] = {}
+
+    def encode(i: int, j: int) -> dict:
+        if (i, j) not in memo:
+            memo[i, j] = encode_qa(tok, template, forget_rows[i][q], idk[j], max_length=max_length)
+        return memo[i, j]
+
+    return [_Alternatives(len(idk), functools.partial(encode, i)) for i in range(len(forget_rows))]
+
+
+@dataclass(frozen=True)
+class _Alternatives(Sequence):
+    """A read-only sequence whose items are built on first access."""
+    size: int
+    build: Callable[[int], dict]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self.build(k) for k in range(self.size)[j]]
+        if not -self.size <= j < self.size:
+            raise IndexError(j)
+        return self.build(j % self.size)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -282,7 +310,7 @@ def _read_scores(d: Path) -> dict:
     return json.loads((Path(d) / "scores.json").read_text())
 
 
-def baseline(task: Task, choice: ModelChoice, args) -> dict | None:
+def baseline(task: Task, args) -> dict | None:
     """Score the start model once per task (the Finetuned row), so a run shows what unlearning changed."""
     from harness import evaluation
 
@@ -290,11 +318,10 @@ def baseline(task: Task, choice: ModelChoice, args) -> dict | None:
                                 reference=args.reference, output=args.output, name="finetuned",
                                 batch_size=args.eval_batch_size, limit=args.limit, data_dir=args.data_dir,
                                 attention_mask=args.attention_mask, trust_remote_code=args.trust_remote_code,
-                                include_tasks=args.include_tasks, plugins_dir=args.plugins_dir)
-    evaluation.main(eargs)
-    found = sorted((Path(args.output) / choice.label / task.name / "finetuned").glob("*/scores.json"),
-                   key=lambda p: p.stat().st_mtime)
-    return _read_scores(found[-1].parent) if found else None
+                                include_tasks=args.include_tasks, plugins_dir=args.plugins_dir,
+                                max_length=args.max_length)
+    out = evaluation.score(eargs).get(task.name)
+    return _read_scores(out) if out is not None and is_complete(out) else None
 
 
 @dataclass
@@ -395,7 +422,7 @@ def main(args) -> int:
     for cell in cells:
         if cell.task.name not in done_tasks and _is_main():
             done_tasks.add(cell.task.name)
-            base = baseline(cell.task, cell.choice, args)
+            base = baseline(cell.task, args)
             if base:
                 rows.append((cell.task.name, "finetuned (start)", 0, base))
         was_done = is_complete(cell.dir) and not args.overwrite

@@ -152,3 +152,29 @@ def test_zero3_one_process_npo_matches_single_and_saves_plain_checkpoint(tok, da
         assert torch.equal(p1, p2), n
     batch = {"input_ids": torch.tensor([forget[0]["input_ids"]])}
     torch.testing.assert_close(forward_logits(loaded, batch), forward_logits(z, batch))
+
+
+def test_idk_alternatives_encode_on_first_draw_and_match_eager_encoding(tok, monkeypatch):
+    """The runner's idk items are the forget question with each bundled idk answer, encoded only when drawn."""
+    from harness import formatting, runner
+    from harness.data import load_split
+    from harness.formatting import Template, encode_qa
+
+    task = get_registry().tasks["tofu_forget01"]
+    tmpl = Template(user_start_tag="Question: ", user_end_tag="\n", asst_start_tag="Answer: ")
+    rows = load_split(task.data_spec("forget"))[:3]
+    idk = [r["text"] for r in load_split(task.data_spec("idk"))]
+    calls = []
+    real = formatting.encode_qa
+    monkeypatch.setattr(formatting, "encode_qa", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    items = runner._idk_items(task, tok, tmpl, rows, None, 512)
+    assert len(items) == 3 and [len(alts) for alts in items] == [len(idk)] * 3 and len(idk) > 50
+    assert calls == []
+    got = items[2][7]
+    want = encode_qa(tok, tmpl, rows[2]["question"], idk[7], max_length=512)
+    assert calls == [idk[7]]
+    assert got == want
+    assert items[2][7] is got and items[2][-1]["input_ids"] != got["input_ids"]
+    assert len(calls) == 2
+    with pytest.raises(IndexError):
+        items[0][len(idk)]
