@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,7 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
     length-sorted batching (only for measuring what they save; the numbers stay the same).
     """
+    t0 = time.perf_counter()
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
                       data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
@@ -476,7 +478,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     if out_dir is not None:
         settings = {"batch_size": batch_size, "attention_mask": attention_mask, "limit": limit,
                     "harness_version": __version__, "template": _template_dict(template),
-                    "reference": ctx._reference.describe() if ctx._reference is not None else None}
+                    "reference": ctx._reference.describe() if ctx._reference is not None else None,
+                    "seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
                       partial=bool(limit), settings=settings, identity=identity)
     if print_table:

@@ -97,6 +97,7 @@ def test_writes_both_layouts(run):
     assert doc["task"] == "tofu_forget01" and doc["partial"] is True
     assert doc["eval"]["attention_mask"] == "reference"
     assert doc["eval"]["reference"]["kind"] == "model"
+    assert doc["eval"]["seconds"] > 0
     m = doc["metrics"]["forget_quality"]
     assert m["better"] == "higher" and m["version"] == 1 and m["value"] == scores["forget_quality"].value
     assert doc["metrics"]["privleak"]["better"] == "zero"
