@@ -34,6 +34,16 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["scores.json"]
 
 
+def test_atomic_writes_get_the_umask_mode_not_a_private_one(tmp_path):
+    """Results on a shared filesystem stay readable by others (a temp file alone would be 0600)."""
+    write_json(tmp_path / "a.json", {"x": 1})
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    assert mode == plain.stat().st_mode & 0o777
+    assert mode & 0o044 or os.umask(os.umask(0)) & 0o044  # group/other read unless the umask removes it
+
+
 def test_sigkill_during_writes_never_leaves_a_torn_file(tmp_path):
     p = tmp_path / "big.json"
     code = textwrap.dedent(f"""
