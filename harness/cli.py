@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE.png")
     p.add_argument("--output", "-o", default=None, metavar="FILE")
     p.add_argument("--model", default=None, help="only this model's results")
+    p.add_argument("--timing", action="store_true",
+                   help="also print the wall time of each run (training + scoring seconds, from scores.json)")
     _common(p)
     return ap
 

@@ -93,6 +93,7 @@ class RunScores:
     values: dict[str, float | None]
     better: dict[str, str]
     mtime: float
+    seconds: dict[str, float] = field(default_factory=dict)  # "train" / "eval" wall time, where recorded
 
 
 _RUN_DIR = re.compile(r"^(?P<hash>[0-9A-Za-z]+)-s(?P<seed>-?\d+)$")
@@ -143,7 +144,13 @@ def _read_scores(path: Path) -> RunScores:
         values=values,
         better=better,
         mtime=path.stat().st_mtime,
+        seconds=_seconds(data),
     )
+
+
+def _seconds(data: dict) -> dict[str, float]:
+    found = {"train": data.get("train_seconds"), "eval": (data.get("eval") or {}).get("seconds")}
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and _finite(v)}
 
 
 def _finite(value) -> bool:
@@ -197,6 +204,7 @@ class Cell:
     stats: dict[str, Stat]
     better: dict[str, str]
     other_configs: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # mean over the seeds that recorded it
 
 
 def aggregate(values: list[float | None]) -> Stat:
@@ -243,6 +251,8 @@ def build_cells(runs: list[RunScores]) -> list[Cell]:
                 stats={name: aggregate([r.values.get(name) for r in chosen]) for name in names},
                 better=better,
                 other_configs=[c for c, _ in ranked[1:]],
+                seconds={k: aggregate([r.seconds.get(k) for r in chosen]).mean for k in ("train", "eval")
+                         if any(k in r.seconds for r in chosen)},
             )
         )
     return cells
@@ -604,6 +614,30 @@ def render_html(tables: list[Table], published: dict | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_timing(tables: list[Table]) -> str:
+    """Wall time per run (Markdown): what a cell of the grid costs on this hardware."""
+    out = []
+    for t in tables:
+        out += [f"## Wall time (s) · {t.title} · {t.model}", "",
+                "_training + scoring = total, mean over seeds; baseline rows are only scored_", ""]
+        header = ["method"] + [split for _, split in t.splits]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for display in t.rows:
+            row = [display] + [_time_text(t.cells.get((display, task))) for task, _ in t.splits]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _time_text(cell: Cell | None) -> str:
+    sec = cell.seconds if cell else {}
+    if "train" in sec and "eval" in sec:
+        return f"{sec['train']:.0f} + {sec['eval']:.0f} = {sec['train'] + sec['eval']:.0f}"
+    if sec:  # one part recorded: say which
+        return " ".join(f"{v:.0f} ({'training' if k == 'train' else 'scoring'})" for k, v in sec.items())
+    return "-"
+
+
 CSV_COLUMNS = ["benchmark", "model", "method", "split", "metric", "value", "std", "n", "seeds", "partial"]
 COMPARE_COLUMNS = ["published_model", "published", "diff", "diff_kind"]
 
@@ -862,6 +896,8 @@ def main(args) -> int:
         print(f"report written to {output}")
     else:
         print(text, end="" if text.endswith("\n") else "\n")
+    if getattr(args, "timing", False):
+        print(render_timing(tables))
     plot_path = getattr(args, "plot", None)
     if plot_path:
         plot(tables, Path(plot_path), published)

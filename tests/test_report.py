@@ -418,3 +418,25 @@ def test_main_accepts_namespace_flags(tree, tmp_path):
     text = out.read_text()
     assert "vs published Llama-2-7b-hf" in text and "vs published Llama-2-7b-chat-hf" not in text
     assert "_No published numbers for TOFU · llama2-7b-chat._" in text
+
+
+def test_timing_table_from_recorded_seconds(tmp_path, capsys):
+    """--timing: training + scoring seconds per cell, averaged over seeds; one recorded part is labelled."""
+    root = tmp_path / "results"
+    for seed, (train, score) in enumerate([(10.0, 30.0), (20.0, 50.0)]):
+        d = write_run(root, "tiny", "tofu_forget01", "npo", seed, tofu(0.1, 0.5, 0.6))
+        doc = json.loads((d / "scores.json").read_text())
+        doc.update(train_seconds=train, eval={"seconds": score})
+        (d / "scores.json").write_text(json.dumps(doc))
+    d = write_run(root, "tiny", "tofu_forget01", "finetuned", 0, tofu(0.01, 0.5, 0.6))
+    doc = json.loads((d / "scores.json").read_text())
+    doc["eval"] = {"seconds": 12.4}
+    (d / "scores.json").write_text(json.dumps(doc))
+    write_run(root, "tiny", "tofu_forget05", "npo", 0, tofu(0.1, 0.5, 0.6))  # nothing recorded
+    text = report.render_timing(report.build_tables(report.build_cells(report.load_runs(root))))
+    rows = md_table(text, "## Wall time (s) · TOFU · tiny")
+    assert rows[0] == ["method", "forget01", "forget05"]
+    assert rows[1] == ["Finetuned", "12 (scoring)", "-"]
+    assert rows[2] == ["NPO", "15 + 40 = 55", "-"]
+    assert cli_main(["report", str(root), "--timing"]) == 0
+    assert "| NPO | 15 + 40 = 55 | - |" in capsys.readouterr().out
