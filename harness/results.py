@@ -19,7 +19,12 @@ from harness.io import config_hash, write_yaml
 
 
 def run_dir(output, model: str, task: str, method: str, config: dict, seed: int) -> Path:
-    return Path(output) / model / task / method / f"{config_hash(config)}-s{seed}"
+    """``<model>/<task>/<method>/<hash8>-s<seed>``; the hash leaves the seed out, so the seeds of one
+    configuration share it and the report averages them (and only them)."""
+    shared = {k: v for k, v in config.items() if k != "seed"}
+    if isinstance(shared.get("training"), dict):
+        shared["training"] = {k: v for k, v in shared["training"].items() if k != "seed"}
+    return Path(output) / model / task / method / f"{config_hash(shared)}-s{seed}"
 
 
 def is_complete(d: Path) -> bool:

@@ -1,6 +1,8 @@
 """Plugin registry, task YAML schema, CLI listing and the dry-run grid."""
 
 import dataclasses
+import os
+import re
 import textwrap
 from typing import ClassVar
 
@@ -176,6 +178,15 @@ def test_dry_run_grid_six_runs(tmp_path):
     assert out.count(" x seed 0") == 6
     _, out2, _ = run_cli("run", "-t", "tag:tofu".split(":")[1], "-m", "npo", "--seeds", "0,1", "--dry-run", "-o", tmp_path)
     assert out2.splitlines()[0] == "6 run(s):"
+    # the seeds of one configuration share its hash (the report averages them), other settings do not
+    dirs = re.findall(r"-> (\S+)$", out2, flags=re.M)
+    by_task = {}
+    for d in dirs:
+        *_, task, method, run = d.split(os.sep)
+        by_task.setdefault(task, set()).add(tuple(run.split("-s")))
+    assert len(by_task) == 3 and all(len({h for h, _ in runs}) == 1 and {s for _, s in runs} == {"0", "1"}
+                                     for runs in by_task.values())
+    assert len({h for runs in by_task.values() for h, _ in runs}) == 3
 
 
 def test_set_override_errors():
