@@ -510,6 +510,14 @@ def _notes(tables: list[Table], compare: bool) -> list[str]:
     return notes
 
 
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_header(cells: list[str]) -> list[str]:
+    return [_md_row(cells), "|" + "---|" * len(cells)]
+
+
 def render_markdown(tables: list[Table], published: dict | None) -> str:
     out = ["# Results", ""]
     for t in tables:
@@ -518,13 +526,12 @@ def render_markdown(tables: list[Table], published: dict | None) -> str:
         out.append(f"_{_seed_line(t)}_")
         out.append("")
         header = ["method"] + [f"{split} {_metric_header(t, m)}" for _, split in t.splits for m in t.metrics]
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "---|" * len(header))
+        out += _md_header(header)
         for display in t.rows:
             row = [display] + [
                 cell_text(t, t.cells.get((display, task)), m) for task, _ in t.splits for m in t.metrics
             ]
-            out.append("| " + " | ".join(row) + " |")
+            out.append(_md_row(row))
         out.append("")
         if published is not None:
             if not t.compare_with:
@@ -540,14 +547,13 @@ def render_markdown(tables: list[Table], published: dict | None) -> str:
                     header = ["method"]
                     for m in t.metrics:
                         header += [f"{m} ours", "published", _delta_header(m)]
-                    out.append("| " + " | ".join(header) + " |")
-                    out.append("|" + "---|" * len(header))
+                    out += _md_header(header)
                     by = {(r["method"], r["metric"]): r for r in records if r["task"] == task}
                     for display in dict.fromkeys(r["method"] for r in records):
                         row = [display]
                         for m in t.metrics:
                             row += _compare_cells(m, by.get((display, m)))
-                        out.append("| " + " | ".join(row) + " |")
+                        out.append(_md_row(row))
                     out.append("")
     notes = _notes(tables, published is not None)
     if notes:
@@ -621,10 +627,10 @@ def render_timing(tables: list[Table]) -> str:
         out += [f"## Wall time (s) · {t.title} · {t.model}", "",
                 "_training + scoring = total, mean over seeds; baseline rows are only scored_", ""]
         header = ["method"] + [split for _, split in t.splits]
-        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += _md_header(header)
         for display in t.rows:
             row = [display] + [_time_text(t.cells.get((display, task))) for task, _ in t.splits]
-            out.append("| " + " | ".join(row) + " |")
+            out.append(_md_row(row))
         out.append("")
     return "\n".join(out)
 

@@ -167,28 +167,24 @@ def _idk_items(task: Task, tok, template, forget_rows, data_dir, max_length):
 
     idk = [r["text"] for r in load_split(task.data_spec("idk"), data_dir)]
     q = task.field_name("question")
-    memo: dict[tuple[int, int], dict] = {}
 
+    @functools.cache
     def encode(i: int, j: int) -> dict:
-        if (i, j) not in memo:
-            memo[i, j] = encode_qa(tok, template, forget_rows[i][q], idk[j], max_length=max_length)
-        return memo[i, j]
+        return encode_qa(tok, template, forget_rows[i][q], idk[j], max_length=max_length)
 
     return [_Alternatives(len(idk), functools.partial(encode, i)) for i in range(len(forget_rows))]
 
 
 @dataclass(frozen=True)
 class _Alternatives(Sequence):
-    """A read-only sequence whose items are built on first access."""
+    """A read-only sequence whose items are built on access (``build`` memoises them)."""
     size: int
     build: Callable[[int], dict]
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, j):
-        if isinstance(j, slice):
-            return [self.build(k) for k in range(self.size)[j]]
+    def __getitem__(self, j: int) -> dict:
         if not -self.size <= j < self.size:
             raise IndexError(j)
         return self.build(j % self.size)
