@@ -2,7 +2,7 @@
 
 naive  = every metric runs its own forward passes (nothing shared between metrics) and batches
          rows in dataset order (as a one-pass-per-metric implementation does);
-engine = harness.evaluation's default: one pass per (model, split, field), shared by every metric
+engine = harness.scoring.evaluate's default: one pass per (model, split, field), shared by every metric
          that reads it, length-sorted batches.
 
 Both score the same metric suite (the task's default suite plus exact memorization and every
@@ -36,11 +36,11 @@ def main() -> None:
     ap.add_argument("--suite", choices=["default", "all"], default="all")
     args = ap.parse_args()
 
-    from harness.evaluation import evaluate_task
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
+    from harness.models.tiny import TINY_TEMPLATE, tiny_model_dir
     from harness.plugins import get_registry
-    from harness.reference import Reference, resolve_reference
-    from harness.tiny import TINY_TEMPLATE, tiny_model_dir
+    from harness.scoring.evaluate import evaluate_task
+    from harness.scoring.reference import Reference, resolve_reference
 
     reg = get_registry()
     task = reg.tasks[args.task]
@@ -50,7 +50,7 @@ def main() -> None:
     model = load_model(str(target))
     metrics = [n for n, _ in task.metrics] + (EXTRA if args.suite == "all" else [])
 
-    from harness.evaluation import EvalContext
+    from harness.scoring.context import EvalContext
 
     # score the reference once (as its cache would), shared by both timed runs
     ctx = EvalContext(task, model, tok, TINY_TEMPLATE, batch_size=args.batch_size, limit=args.limit,

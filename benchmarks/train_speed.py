@@ -32,14 +32,14 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
 
-    from harness.data import load_split
-    from harness.formatting import encode_qa
+    from harness.data.encode import encode_qa
+    from harness.data.splits import load_split
     from harness.io import read_jsonl
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
+    from harness.models.tiny import TINY_TEMPLATE, tiny_model_dir
     from harness.plugins import get_registry
     from harness.tasks import DataSpec
-    from harness.tiny import TINY_TEMPLATE, tiny_model_dir
-    from harness.train import TrainConfig, unlearn
+    from harness.training import TrainConfig, unlearn
 
     retain_split = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}[args.split]
     start = tiny_model_dir("full", size=args.size)
@@ -64,7 +64,7 @@ def main() -> None:
                               desc=f"npo cache={cache}")
                 times[cache].append(time.perf_counter() - t0)
                 logs[cache] = read_jsonl(Path(tmp) / "train_log.jsonl")
-                forwards = out.train_info["reference_forwards"]
+                forwards = out.info["reference_forwards"]
             print(f"cache_reference={cache!s:5}  {times[cache][-1]:7.2f} s  reference forwards: {forwards}")
     worst = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in zip(logs[True], logs[False]))
     best = {k: min(v) for k, v in times.items()}

@@ -1,4 +1,5 @@
-"""Command line: argparse only; each verb's work lives in the module named for it."""
+"""Command line: argparse turns argv into the verb's typed options (``harness.options``) once; each verb's
+work lives in ``harness.commands.<verb>``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import os
 import sys
 
 from harness import HarnessError, __version__
+from harness.options import (
+    ATTENTION_MASKS,
+    EVAL_BATCH_SIZE,
+    EvalOptions,
+    FinetuneOptions,
+    ListOptions,
+    ReportOptions,
+    RunOptions,
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -25,9 +35,48 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR", help="local copies of dataset splits as <name>/<split>.jsonl")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint (off by default)")
     p.add_argument("--max-length", type=int, default=None, help="override the task's max sequence length")
-    p.add_argument("--attention-mask", choices=["reference", "corrected"], default="reference",
+    p.add_argument("--attention-mask", choices=list(ATTENTION_MASKS), default="reference",
                    help="reference: attention_mask = ids != pad as the published numbers (pad = eos hides eos tokens); corrected: mask padding only")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
+
+
+class _Deprecated(argparse.Action):
+    """``--batch-size``: the old name of the flag ``dest`` now has; says so once and sets it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"notice: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _batch_args(p: argparse.ArgumentParser, *, train_default: int | None) -> None:
+    p.add_argument("--train-batch-size", type=int, default=train_default,
+                   help="effective (global) training batch size")
+    p.add_argument("--batch-size", dest="train_batch_size", type=int, action=_Deprecated, help=argparse.SUPPRESS)
+
+
+def _eval_batch_arg(p: argparse.ArgumentParser, *, alias: bool = False) -> None:
+    p.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, help="scoring batch size")
+    if alias:
+        p.add_argument("--batch-size", dest="eval_batch_size", type=int, action=_Deprecated, help=argparse.SUPPRESS)
+
+
+OPTIONS = {"run": RunOptions, "eval": EvalOptions, "finetune": FinetuneOptions, "ls": ListOptions,
+           "validate": ListOptions, "report": ReportOptions}
+
+
+def to_options(args: argparse.Namespace):
+    """The verb's options dataclass from the parsed namespace (every field the parser defines)."""
+    cls = OPTIONS[args.verb]
+    names = cls.__dataclass_fields__
+    given = {k: v for k, v in vars(args).items() if k in names}
+    unknown = set(vars(args)) - set(names) - {"verb"}
+    if unknown:  # a flag without a typed home would silently do nothing
+        raise HarnessError(f"internal: flags {sorted(unknown)} of '{args.verb}' have no field in {cls.__name__}")
+    opts = cls(**given)
+    if isinstance(opts, ListOptions):
+        opts.verb = args.verb
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate", default=None, metavar="single|ddp|zero3|FILE", help="re-launch under accelerate with a bundled or given config")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="effective (global) training batch size")
+    _batch_args(p, train_default=None)
     p.add_argument("--per-device-batch", type=int, default=None)
-    p.add_argument("--eval-batch-size", type=int, default=32, help="scoring batch size")
+    _eval_batch_arg(p)
     p.add_argument("--optimizer", default=None, help="e.g. paged_adamw_32bit (default from the task), adamw_torch")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save the unlearned model as a HF checkpoint in the run directory")
@@ -72,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="eval", help="row name in results and reports (e.g. finetuned, retain)")
     p.add_argument("--retain-model", action="store_true",
                    help="score the profile's retain (reference) model of each task instead of its start model (the Retain row)")
-    p.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
+    _eval_batch_arg(p, alias=True)
     p.add_argument("--overwrite", action="store_true")
     _model_args(p)
     _common(p)
@@ -84,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None)
     p.add_argument("--epochs", type=float, default=5)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=32)
+    _batch_args(p, train_default=32)
     p.add_argument("--per-device-batch", type=int, default=4)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -129,30 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             from harness.hub import hub_available
 
             hub_available()
-        if args.verb in ("ls", "validate"):
-            from harness import listing
+        from importlib import import_module
 
-            return listing.main(args) or 0
-        if args.verb == "run":
-            from harness import runner
-
-            return runner.main(args) or 0
-        if args.verb == "eval":
-            from harness import evaluation
-
-            return evaluation.main(args) or 0
-        if args.verb == "finetune":
-            from harness import distributed, train
-
-            if args.accelerate and args.accelerate != "single":
-                rc = distributed.relaunch(sys.argv[1:], args.accelerate)
-                if rc != -1:
-                    return rc
-            return train.finetune_main(args) or 0
-        if args.verb == "report":
-            from harness import report
-
-            return report.main(args) or 0
+        module = {"validate": "ls"}.get(args.verb, args.verb)
+        return import_module(f"harness.commands.{module}").main(to_options(args)) or 0
     except HarnessError as exc:
         if args.debug:
             raise

@@ -9,6 +9,7 @@ twice is an error naming both sources.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata as md
 import importlib.util
@@ -259,3 +260,26 @@ def get_registry(*, plugins_dirs=(), include_tasks=(), strict: bool | None = Non
     if key not in _CACHE:
         _CACHE[key] = build_registry(plugins_dirs=plugins_dirs, include_tasks=include_tasks, strict=strict)
     return _CACHE[key]
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, HarnessError):
+        return text[0] if text else "error"
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def guard_method(method, name: str, plugin: str):
+    """A copy of ``method`` whose ``loss()`` turns any exception into one error line naming the method and
+    the plugin that registered it (a third-party bug must not read like a harness crash)."""
+    guarded = copy.copy(method)
+    loss = method.loss
+
+    def checked_loss(*a, **kw):
+        try:
+            return loss(*a, **kw)
+        except Exception as exc:
+            raise HarnessError(f"method '{name}' from plugin '{plugin}' failed: {one_line(exc)}") from exc
+
+    object.__setattr__(guarded, "loss", checked_loss)
+    return guarded

@@ -119,12 +119,12 @@ class StepResult:
 
 def one_step(method, model=None, tokenizer=None, *, forget=None, retain=None, idk=None, lr: float = 1e-3,
              seed: int = 0, accelerate: str = "single") -> StepResult:
-    """Run exactly one optimizer step of ``method`` through ``harness.train.unlearn`` and report it.
+    """Run exactly one optimizer step of ``method`` through ``harness.training.unlearn`` and report it.
 
     ``model``/``tokenizer`` default to ``tiny_llama()``/``char_tokenizer()``; ``forget``/``retain``/``idk``
     to ``toy_data()``. The whole forget set is one batch (one step, constant lr, no warmup, torch AdamW).
     """
-    from harness.train import TrainConfig, unlearn
+    from harness.training import TrainConfig, unlearn
 
     tokenizer = tokenizer or char_tokenizer()
     model = model or tiny_llama(tokenizer)
@@ -138,7 +138,7 @@ def one_step(method, model=None, tokenizer=None, *, forget=None, retain=None, id
                       accelerate=accelerate)
     with tempfile.TemporaryDirectory() as tmp:
         out = unlearn(model, tokenizer, method, forget, retain, cfg,
-                      idk_items=idk if getattr(method, "uses_idk", False) else None, out_dir=Path(tmp))
+                      idk_items=idk if getattr(method, "uses_idk", False) else None, out_dir=Path(tmp)).model
         rows = read_jsonl(Path(tmp) / "train_log.jsonl")
     if len(rows) != 1:
         raise AssertionError(f"expected one optimizer step, the log has {len(rows)}")

@@ -23,7 +23,7 @@ grid_options llama2-7b "$@"
 SPLITS=(news books)
 METHODS=(grad_ascent grad_diff npo simnpo)
 for model in "${MODEL_LIST[@]}"; do
-  grid_model_args "$model" --epochs 10 --lr 1e-5 --batch-size 64 --per-device-batch 4 \
+  grid_model_args "$model" --epochs 10 --lr 1e-5 --train-batch-size 64 --per-device-batch 4 \
     --optimizer paged_adamw_32bit
   splits=("${SPLITS[@]}")
   if [[ "$model" == tiny ]]; then

@@ -34,14 +34,14 @@ def tok():
 
 @pytest.fixture(scope="session")
 def tiny_full_dir():
-    from harness.tiny import tiny_model_dir
+    from harness.models.tiny import tiny_model_dir
 
     return tiny_model_dir("full")
 
 
 @pytest.fixture(scope="session")
 def tiny_retain99_dir():
-    from harness.tiny import tiny_model_dir
+    from harness.models.tiny import tiny_model_dir
 
     return tiny_model_dir("retain99")
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from conftest import ROOT, cheap_task_yaml, run_cli
 
-from harness import HarnessError, plugins, runner
+from harness import HarnessError, plugins
 
 # task_dir fills @NAME@ with the file stem
 CHEAP_TASK = cheap_task_yaml("@NAME@", "forget01 with one cheap metric (no generation, no reference), for tests")
@@ -177,7 +177,7 @@ def test_plugin_raising_in_loss_is_named(tmp_path):
     (d / "boomloss.py").write_text(BOOM_LOSS)
     reg = plugins.build_registry(plugins_dirs=[d], strict=True)
     assert reg.sources[("methods", "boom")] == "plugs/boomloss.py"
-    method = runner.guard_method(reg.methods["boom"](), "boom", reg.sources[("methods", "boom")])
+    method = plugins.guard_method(reg.methods["boom"](), "boom", reg.sources[("methods", "boom")])
     with pytest.raises(HarnessError) as exc:
         one_step(method)
     assert str(exc.value) == "method 'boom' from plugin 'plugs/boomloss.py' failed: KeyError: 'no such key in the plugin'"
@@ -212,7 +212,7 @@ def test_reference_log_without_needed_keys(tmp_path, tiny_full_dir, finished):
 def test_corrupt_cached_model(tmp_path, tiny_full_dir, monkeypatch, finished):
     import shutil
 
-    from harness.tiny import root
+    from harness.models.tiny import root
 
     home = tmp_path / "home"
     src = root()
@@ -242,7 +242,7 @@ def test_unexpected_exception_is_one_line_without_debug(monkeypatch, tmp_path):
     def explode(args):
         raise ZeroDivisionError("division by zero somewhere deep")
 
-    monkeypatch.setattr(runner, "main", explode)
+    monkeypatch.setattr("harness.commands.run.main", explode)
     rc, _, err = run_cli("run", "-t", "x", "-m", "y", check=False)
     assert rc == 1
     assert err == ("error: unexpected ZeroDivisionError: division by zero somewhere deep "
@@ -278,7 +278,7 @@ def test_yaml_only_through_safe_loaders_and_no_eval_exec():
 
 def test_trust_remote_code_is_off_unless_asked():
     from harness.cli import build_parser
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
 
     for fn in (load_model, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False

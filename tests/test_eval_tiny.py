@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from harness import HarnessError
-from harness.evaluation import EvalContext, Source, evaluate_task
-from harness.formatting import Template
+from harness.data.encode import Template
+from harness.metrics import Source
+from harness.scoring.context import EvalContext
+from harness.scoring.evaluate import evaluate_task
 
 LIMIT = 6
 SUITE = ["forget_truth_ratio", "forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility",
@@ -21,9 +23,9 @@ SUITE = ["forget_truth_ratio", "forget_quality", "forget_Q_A_Prob", "forget_Q_A_
 
 @pytest.fixture(scope="module")
 def env(tiny_full_dir, tiny_retain99_dir):
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
+    from harness.models.tiny import TINY_TEMPLATE
     from harness.plugins import get_registry
-    from harness.tiny import TINY_TEMPLATE
 
     reg = get_registry()
     return {"reg": reg, "task": reg.tasks["tofu_forget01"], "tok": load_tokenizer(str(tiny_full_dir)),
@@ -202,7 +204,7 @@ def test_sorted_batches_equal_dataset_order(env):
 
 
 def test_metrics_share_forward_passes(env, monkeypatch):
-    import harness.metrics.primitives as prim
+    import harness.scoring.primitives as prim
 
     calls = []
     real = prim.forward_stats
@@ -271,7 +273,7 @@ def test_reference_logs_missing_keys_and_summary_for_privleak(env, tmp_path):
     with pytest.raises(HarnessError, match=r"value_by_index|forget_truth_ratio"):
         evaluate_task(*args, reference=str(summ), metrics=["forget_quality"], **kw)
     # an open-unlearning log of a retain model works as is
-    from harness.reference import bundled_log
+    from harness.scoring.reference import bundled_log
 
     s = evaluate_task(*args, reference=str(bundled_log("tofu_Llama-2-7b-chat-hf_retain99/TOFU_EVAL.json")),
                       metrics=["forget_quality"], **kw)

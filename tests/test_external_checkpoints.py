@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, cheap_task_yaml, run_cli
 
 from harness import HarnessError, plugins
-from harness.modeling import check_checkpoint, check_lengths, load_model, load_tokenizer
+from harness.models.load import check_checkpoint, check_lengths, load_model, load_tokenizer
 
 TASK = cheap_task_yaml("t7_ext", "forget01 with one cheap metric, for outside checkpoints")
 TEMPLATE = """\
@@ -116,7 +116,7 @@ def _family_messages(caplog):
 
 def test_other_vocabulary_works_and_is_not_compared_with_another_family(env, tiny_full_dir, tiny_retain99_dir,
                                                                        caplog):
-    from harness.profiles import _FAMILY_CHECKED, finalize_template, resolve_model
+    from harness.models.profiles import _FAMILY_CHECKED, finalize_template, resolve_model
     from harness.testing import char_tokenizer, tiny_llama
 
     other = env / "charmodel"
@@ -150,7 +150,7 @@ def test_other_vocabulary_works_and_is_not_compared_with_another_family(env, tin
 
 def test_log_reference_of_another_family_warns(env, tiny_full_dir, monkeypatch, caplog):
     """A default reference *log* is usable by any checkpoint, but its numbers come from the profile's family."""
-    from harness import profiles
+    from harness.models import profiles
     from harness.testing import char_tokenizer, tiny_llama
 
     fam = profiles.Profile(name="fam", tokenizer=str(tiny_full_dir), tasks={"t7_ext": {
@@ -180,7 +180,7 @@ def _mismatched(env):
     d = env / "mismatch"
     if not d.exists():
         tiny_llama(char_tokenizer()).save_pretrained(d)
-        from harness.tiny import tiny_model_dir
+        from harness.models.tiny import tiny_model_dir
 
         load_tokenizer(str(tiny_model_dir("full"))).save_pretrained(d)
     return d
@@ -240,7 +240,7 @@ def test_custom_code_runs_only_with_trust_remote_code(env, tiny_full_dir, tmp_pa
     _one_error(rc, err, f"{d} contains custom model code", "pass --trust-remote-code")
     assert not marker.exists()
     # asked for: the code runs (in a child process, so transformers' module cache goes to a temp dir)
-    code = ("import sys; from harness.modeling import load_model, load_tokenizer; "
+    code = ("import sys; from harness.models.load import load_model, load_tokenizer; "
             "load_tokenizer(sys.argv[1], trust_remote_code=True); "
             "print(type(load_model(sys.argv[1], trust_remote_code=True)).__name__)")
     r = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=300,

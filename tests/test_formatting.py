@@ -2,9 +2,9 @@
 
 import torch
 
-from harness.formatting import IGNORE, Template, collate, encode_qa, encode_text
-from harness.modeling import load_tokenizer
-from harness.tiny import TINY_TEMPLATE
+from harness.data.encode import IGNORE, Template, collate, encode_qa, encode_text
+from harness.models.load import load_tokenizer
+from harness.models.tiny import TINY_TEMPLATE
 
 
 def test_encode_qa_labels_answer_plus_eos(tiny_full_dir):
@@ -45,7 +45,7 @@ def test_collate_pad_eq_quirk_and_left_padding():
     assert b["input_ids"].tolist() == [[1, 5, 2, 2, 2], [1, 2, 6, 7, 2]]
     assert b["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [1, 0, 1, 1, 0]]  # every eos hidden
     assert b["labels"].tolist() == [[IGNORE, 5, 2, IGNORE, IGNORE], [IGNORE, IGNORE, 6, 7, 2]]
-    c = collate(items, pad_id=2, mask="length", side="left")
+    c = collate(items, pad_id=2, mask="corrected", side="left")
     assert c["input_ids"].tolist()[0] == [2, 2, 1, 5, 2]
     assert c["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert c["input_ids"].dtype == torch.long

@@ -9,7 +9,7 @@ import torch
 from harness.losses import forward_logits, sequence_logprob, token_mean_nll
 from harness.plugins import get_registry
 from harness.testing import one_step, tiny_llama, toy_data
-from harness.train import Reference, collate
+from harness.training import StartModel, collate
 
 REGISTRY = get_registry()
 
@@ -61,7 +61,7 @@ def test_method_losses_follow_the_spec_on_a_real_batch(tok):
     model = tiny_llama(tok, seed=1)
     start = tiny_llama(tok, seed=2)  # a different "start model" so log-ratios are not zero
     batch = _batch(tok)
-    ref = Reference(start, cache=False)
+    ref = StartModel(start, cache=False)
     with torch.no_grad():
         lf = forward_logits(model, batch["forget"])
         lr = forward_logits(model, batch["retain"])
@@ -103,7 +103,7 @@ def test_method_losses_follow_the_spec_on_a_real_batch(tok):
         # KL retain: zero against itself, positive against another model, and it needs the reference.
         gd = REGISTRY.methods["grad_diff"](retain_loss_type="KL")
         assert gd.needs_reference and not REGISTRY.methods["grad_diff"]().needs_reference
-        _, parts = gd.loss(model, batch, Reference(model, cache=False))
+        _, parts = gd.loss(model, batch, StartModel(model, cache=False))
         assert parts["retain"] == pytest.approx(0.0, abs=1e-6)
         _, parts = gd.loss(model, batch, ref)
         assert parts["retain"] > 0.01

@@ -86,7 +86,7 @@ def test_min_k_on_real_sequence_drops_the_last_labelled_token():
     """P2 excludes the final labelled token (the eos prediction): a very unlikely eos is ignored."""
     import torch
 
-    from harness.metrics.primitives import _seq_stats
+    from harness.scoring.primitives import _seq_stats
 
     torch.manual_seed(0)
     V, T = 7, 6

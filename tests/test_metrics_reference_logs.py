@@ -22,7 +22,7 @@ from harness.metrics.tofu import (
     truth_ratio_aggregate,
     truth_ratios,
 )
-from harness.reference import bundled_log, load_log
+from harness.scoring.reference import bundled_log, load_log
 
 DATA = Path(__file__).parent / "data" / "reference_logs"
 MODELS = {
@@ -53,7 +53,8 @@ def logs(request):
 def test_forget_truth_ratio_and_forget_quality(logs):
     name, full, retain = logs
     trs, agg = _tr(full, "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "closer_to_1_better")
-    assert trs == [x["score"] for x in _vbi(full, "forget_truth_ratio")]
+    # numpy's SIMD exp differs by an ulp between CPUs (AVX2 vs AVX-512): equal to float precision
+    assert trs == pytest.approx([x["score"] for x in _vbi(full, "forget_truth_ratio")], rel=1e-14, abs=0)
     assert agg == full["forget_truth_ratio"]["agg_value"]
     fq = ks_pvalue(trs, retain.per_sample("forget_truth_ratio"))
     assert fq == full["forget_quality"]["agg_value"]

@@ -11,7 +11,7 @@ import torch
 from harness_test_helpers import run_cli
 
 from harness import HarnessError
-from harness.formatting import encode_text
+from harness.data.encode import encode_text
 from harness.io import read_jsonl
 from harness.metrics.mia import min_k_score, privleak_value
 from harness.metrics.rouge import rouge_scores
@@ -81,8 +81,8 @@ def test_eval_log_layout_and_recomputed_values(muse_eval):
 
 def test_min_k_score_of_a_privleak_text_by_hand(muse_eval):
     """Row 0 of privleak/forget: BOS + text cut to 2048 tokens, no eos, Min-40% over all but the last token."""
-    from harness.modeling import load_model, load_tokenizer
-    from harness.tiny import tiny_model_dir
+    from harness.models.load import load_model, load_tokenizer
+    from harness.models.tiny import tiny_model_dir
 
     d, _ = muse_eval
     mk = json.loads((d / "MUSE_EVAL.json").read_text())["mia_min_k"]
@@ -101,28 +101,28 @@ def test_min_k_score_of_a_privleak_text_by_hand(muse_eval):
 
 # ---------------------------------------------------------------------------- run data
 def _tok(kind):
-    from harness.modeling import load_tokenizer
-    from harness.tiny import tiny_model_dir
+    from harness.models.load import load_tokenizer
+    from harness.models.tiny import tiny_model_dir
 
     return load_tokenizer(str(tiny_model_dir(kind)))
 
 
 def test_tiny_run_uses_bundled_privleak_retain_texts_and_says_so(caplog):
-    from harness import runner
+    from harness.data.items import training_items
     from harness.plugins import get_registry
 
     task = get_registry().tasks["muse_news"]
     tok = _tok("muse_news_target")
     with caplog.at_level(logging.WARNING, logger="harness"):
-        items, rows = runner._items(task, tok, None, "retain", None, 3, 256)
+        items, rows = training_items(task, tok, None, "retain", None, 3, 256)
     assert rows == _news("privleak", "retain")[:3]
     assert "privleak:retain" in caplog.text and "retain corpus" in caplog.text
     assert all(len(it["input_ids"]) <= 257 and it["labels"][0] == -100 for it in items)
-    forget, frows = runner._items(task, tok, None, "forget", None, 3, 2048)
+    forget, frows = training_items(task, tok, None, "forget", None, 3, 2048)
     assert frows == _news("raw", "forget")[:3]  # the forget corpus is the real raw/forget
     # BOS + 2048-token chunks fit the tiny MUSE models' declared context
-    from harness.modeling import load_model
-    from harness.tiny import tiny_model_dir
+    from harness.models.load import load_model
+    from harness.models.tiny import tiny_model_dir
 
     longest = max(len(it["input_ids"]) for it in forget)
     assert longest == 2049
@@ -130,20 +130,21 @@ def test_tiny_run_uses_bundled_privleak_retain_texts_and_says_so(caplog):
 
 
 def test_published_model_run_without_retain1_is_an_error():
-    from harness import muse, runner
+    from harness.data import corpus as muse
+    from harness.data.items import training_items
     from harness.plugins import get_registry
     from harness.testing import char_tokenizer
 
     task = get_registry().tasks["muse_news"]
     with pytest.raises(HarnessError, match=r"MUSE-News/raw:retain1.*--data-dir"):
-        runner._items(task, char_tokenizer(), None, "retain", None, 3, 256)
+        training_items(task, char_tokenizer(), None, "retain", None, 3, 256)
     err = muse.missing_data_error(task, tiny=False)
     assert "retain (muse-bench/MUSE-News/raw:retain1)" in str(err)
     assert muse.missing_data_error(task, tiny=True) is None
 
 
 def test_retain1_from_data_dir_is_used_when_given(tmp_path):
-    from harness import muse
+    from harness.data import corpus as muse
     from harness.plugins import get_registry
 
     task = get_registry().tasks["muse_news"]
@@ -154,7 +155,7 @@ def test_retain1_from_data_dir_is_used_when_given(tmp_path):
 
 
 def test_muse_books_offline_fails_fast_naming_the_splits(tmp_path):
-    from harness import muse
+    from harness.data import corpus as muse
     from harness.plugins import get_registry
 
     rc, out, err = run_cli("run", "-t", "muse_books", "-m", "npo", "-o", tmp_path, check=False)

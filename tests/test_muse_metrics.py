@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from harness.evaluation import EvalContext
-from harness.formatting import encode_qa, encode_text
+from harness.data.encode import encode_qa, encode_text
 from harness.metrics.mia import mia_auc, min_k_score, privleak_value
 from harness.metrics.muse import KNOWMEM_STOP, knowmem_source, rouge_aggregate, verbmem_source
-from harness.metrics.primitives import forward_stats
 from harness.metrics.rouge import cut_generation, rouge_scores
+from harness.models.profiles import get_profiles
 from harness.plugins import get_registry
-from harness.profiles import get_profiles
-from harness.reference import bundled_log, load_log
+from harness.scoring.context import EvalContext
+from harness.scoring.primitives import forward_stats
+from harness.scoring.reference import bundled_log, load_log
 
 DATA = Path(__file__).parent / "data" / "muse"
 NEWS_TARGET = json.loads((DATA / "muse_Llama-2-7b-hf_News_target_MUSE_EVAL.json").read_text())
@@ -35,8 +35,8 @@ def muse_task():
 
 @pytest.fixture(scope="module")
 def tiny_tok():
-    from harness.modeling import load_tokenizer
-    from harness.tiny import tiny_model_dir
+    from harness.models.load import load_tokenizer
+    from harness.models.tiny import tiny_model_dir
 
     return load_tokenizer(str(tiny_model_dir("base")))
 

@@ -13,9 +13,9 @@ import time
 import pytest
 from conftest import ROOT, cheap_task_yaml
 
-from harness import runner
+from harness.commands import run as runner
 from harness.io import write_json
-from harness.results import claim, is_complete
+from harness.results.rundir import claim, is_complete
 
 TASK = cheap_task_yaml("t7_resume", "forget01 with one cheap metric, for the resume tests")
 
@@ -76,7 +76,7 @@ def test_truncated_scores_file_is_not_a_finished_run(tmp_path):
 def test_claim_is_exclusive_across_processes(tmp_path):
     d = tmp_path / "cell"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, pathlib\nfrom harness.results import claim\n"
+        [sys.executable, "-c", "import sys, time, pathlib\nfrom harness.results.rundir import claim\n"
          f"with claim(pathlib.Path({str(d)!r})) as mine:\n    print(mine, flush=True)\n    time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -97,10 +97,12 @@ def test_runner_skips_a_cell_another_process_holds(tmp_path, monkeypatch):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "t7_resume.yaml").write_text(TASK)
-    args = build_parser().parse_args(["run", "-t", "t7_resume", "-m", "grad_ascent", "--model", "tiny:full",
-                                      "--include-tasks", str(tasks), "-o", str(tmp_path / "res"), "--limit", "2"])
+    from harness.cli import to_options
+
+    args = to_options(build_parser().parse_args(["run", "-t", "t7_resume", "-m", "grad_ascent", "--model", "tiny:full",
+                                      "--include-tasks", str(tasks), "-o", str(tmp_path / "res"), "--limit", "2"]))
     (cell,) = runner.expand(args, get_registry(include_tasks=args.include_tasks))
-    monkeypatch.setattr("harness.modeling.load_model", lambda *a, **k: pytest.fail("must not load a claimed cell"))
+    monkeypatch.setattr("harness.models.load.load_model", lambda *a, **k: pytest.fail("must not load a claimed cell"))
     with claim(cell.dir) as mine:
         assert mine
         assert runner.run_cell(cell, args) is None

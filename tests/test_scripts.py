@@ -60,7 +60,7 @@ def test_tofu_published_grid():
         for method in ["grad_ascent", "grad_diff", "idk_dpo", "npo", "simnpo"]
     )
     for a in runs:  # the published hyper-parameters
-        assert (a.lr, a.epochs, a.batch_size, a.per_device_batch) == (1e-5, 10, 32, 4)
+        assert (a.lr, a.epochs, a.train_batch_size, a.per_device_batch) == (1e-5, 10, 32, 4)
         assert (a.accelerate, a.optimizer, a.gradient_checkpointing) == ("zero3", "paged_adamw_32bit", True)
         assert (a.seeds, a.output, a.set) == ("0", "results", [])
     assert Counter((a.model, a.tasks, a.name, retain) for a, retain in evals) == Counter(
@@ -82,7 +82,7 @@ def test_muse_published_grid():
         for m in ["grad_ascent", "grad_diff", "npo", "simnpo"]
     }
     for a in runs:
-        assert (a.lr, a.epochs, a.batch_size, a.per_device_batch) == (1e-5, 10, 64, 4)
+        assert (a.lr, a.epochs, a.train_batch_size, a.per_device_batch) == (1e-5, 10, 64, 4)
         assert (a.accelerate, a.optimizer) == ("zero3", "paged_adamw_32bit")
     assert {(a.tasks, a.name) for a in evals} == {
         (f"muse_{s}", n) for s in ["news", "books"] for n in ["finetuned", "retain"]
@@ -97,7 +97,7 @@ def test_tiny_grids(how):
     assert {a.model for a in tofu} == {"tiny"}
     for a in tofu:
         if a.verb == "run":  # the tiny profile's own training defaults and a single process
-            assert (a.lr, a.epochs, a.batch_size, a.accelerate, a.optimizer) == (None, None, None, None, None)
+            assert (a.lr, a.epochs, a.train_batch_size, a.accelerate, a.optimizer) == (None, None, None, None, None)
 
     muse = script(MUSE, "--dry-run", *args, env=env)
     cells = [parse(shlex.split(line)[1:]) for line in muse.stdout.splitlines()]

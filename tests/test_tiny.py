@@ -4,8 +4,8 @@ import shutil
 
 import torch
 
-from harness import tiny
-from harness.modeling import load_model
+from harness.models import tiny
+from harness.models.load import load_model
 
 
 def test_same_seed_same_weights(tmp_path, monkeypatch):
@@ -35,8 +35,8 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
 
 def test_checkpoint_dir_carries_its_template(tiny_full_dir):
     """``--model <tiny dir>`` scores like the profile: the directory holds its prompt template."""
+    from harness.models.profiles import resolve_model
     from harness.plugins import get_registry
-    from harness.profiles import resolve_model
 
     task = get_registry().tasks["tofu_forget01"]
     choice = resolve_model(str(tiny_full_dir), task)

@@ -9,7 +9,7 @@ from harness import HarnessError
 from harness.io import read_jsonl
 from harness.losses import forward_logits, token_mean_nll
 from harness.testing import tiny_llama, toy_data
-from harness.train import TrainConfig, collate, finetune, plan
+from harness.training import TrainConfig, collate, finetune, plan
 
 
 def _mean_nll(model, tok, items):
@@ -42,13 +42,13 @@ def test_finetune_learns_is_deterministic_and_logs(tok, tmp_path):
     start = _mean_nll(tiny_llama(tok), tok, items)
     a = finetune(tiny_llama(tok), tok, items, cfg, out_dir=tmp_path / "a")
     b = finetune(tiny_llama(tok), tok, items, cfg, out_dir=tmp_path / "b")
-    end = _mean_nll(a, tok, items)
+    end = _mean_nll(a.model, tok, items)
     assert end < start - 0.3
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(pa, pb), n
     rows = read_jsonl(tmp_path / "a" / "train_log.jsonl")
     # 10 items, 2 per device, accum 2 -> 5 micro-batches -> 3 steps per epoch (last partial).
-    assert len(rows) == 3 * 3 == a.train_info["total_steps"]
+    assert len(rows) == 3 * 3 == a.info["total_steps"]
     assert [r["step"] for r in rows] == list(range(1, 10))
     assert rows[0]["lr"] == 0.0  # warmup: 10 // 4 = 2 steps, the first at lr 0
     assert rows[1]["lr"] == pytest.approx(1.5e-3) and rows[2]["lr"] == pytest.approx(3e-3)
@@ -56,7 +56,7 @@ def test_finetune_learns_is_deterministic_and_logs(tok, tmp_path):
     assert rows == read_jsonl(tmp_path / "b" / "train_log.jsonl")
     # A different seed gives a different order, hence different weights.
     c = finetune(tiny_llama(tok), tok, items, TrainConfig(**{**cfg.__dict__, "seed": 1}))
-    assert not torch.equal(c.model.embed_tokens.weight, a.model.embed_tokens.weight)
+    assert not torch.equal(c.model.model.embed_tokens.weight, a.model.model.embed_tokens.weight)
 
 
 def test_constant_schedule_and_clipping(tok, tmp_path):
@@ -92,28 +92,27 @@ def test_nan_loss_stops_with_clear_error_and_keeps_log(tok, tmp_path):
 
 
 def test_finetune_verb_builds_a_checkpoint(tmp_path):
-    from argparse import Namespace
+    import dataclasses
 
     from transformers import AutoModelForCausalLM
 
+    from harness.commands.finetune import main as finetune_main
     from harness.io import read_yaml
-    from harness.train import finetune_main
+    from harness.options import FinetuneOptions
 
-    args = Namespace(model="tiny:base", split="forget01", output=str(tmp_path / "ft"), template=None, epochs=1.0,
-                     lr=1e-3, batch_size=8, per_device_batch=8, warmup_epochs=1.0, weight_decay=0.01,
-                     optimizer="adamw_torch", seed=0, accelerate=None, gradient_checkpointing=False,
-                     trust_remote_code=False, data_dir=None)
+    args = FinetuneOptions(model="tiny:base", split="forget01", output=str(tmp_path / "ft"), epochs=1.0, lr=1e-3,
+                           train_batch_size=8, per_device_batch=8, optimizer="adamw_torch")
     assert finetune_main(args) == 0
     doc = read_yaml(tmp_path / "ft" / "finetune.yaml")
     assert doc["rows"] == 40 and doc["plan"]["total_steps"] == 5 and doc["plan"]["warmup_steps"] == 5
     assert len(read_jsonl(tmp_path / "ft" / "train_log.jsonl")) == 5
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft").num_parameters() > 0
     with pytest.raises(HarnessError, match="--split"):
-        finetune_main(Namespace(**{**vars(args), "split": "retain42"}))
+        finetune_main(dataclasses.replace(args, split="retain42"))
 
 
 def test_relaunch_commands():
-    from harness.distributed import CONFIG_DIR, launch_command, relaunch
+    from harness.training.distributed import CONFIG_DIR, launch_command, relaunch
 
     assert relaunch(["run", "-t", "x"], "single") == -1
     cmd, env = launch_command(["run", "-t", "tofu_forget01"], "zero3", num_processes=2)

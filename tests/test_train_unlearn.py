@@ -11,7 +11,7 @@ from harness.losses import forward_logits, token_mean_nll
 from harness.methods import Method
 from harness.plugins import get_registry
 from harness.testing import tiny_llama, toy_data
-from harness.train import TrainConfig, epoch_order, pairing_generator, unlearn
+from harness.training import TrainConfig, epoch_order, pairing_generator, unlearn
 
 METHODS = get_registry().methods
 
@@ -99,12 +99,12 @@ def test_cached_reference_equals_recompute(name, tok, data, tmp_path):
     for a, b in zip(cached, fresh):
         for key in ("loss", "forget", "retain"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+    for p1, p2 in zip(m1.model.parameters(), m2.model.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
     # cached: the forget set once (4 forwards of 1); recomputing: one forward per micro-batch (x2 for idk)
     per_step = 2 if name == "idk_dpo" else 1
-    assert m2.train_info["reference_forwards"] == 8 * per_step
-    assert m1.train_info["reference_forwards"] < m2.train_info["reference_forwards"]
+    assert m2.info["reference_forwards"] == 8 * per_step
+    assert m1.info["reference_forwards"] < m2.info["reference_forwards"]
 
 
 def test_gradient_checkpointing_gives_the_same_run(tok, data, tmp_path):
@@ -142,9 +142,9 @@ def test_zero3_one_process_npo_matches_single_and_saves_plain_checkpoint(tok, da
     for a, b in zip(logs["single"], logs["zero3"]):
         for key in ("loss", "forget", "retain", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
-    z = models["zero3"]
+    z = models["zero3"].model
     assert z.model.embed_tokens.weight.shape == (len(tok), 32)  # gathered, not a 0-size shard
-    for p1, p2 in zip(models["single"].parameters(), z.parameters()):
+    for p1, p2 in zip(models["single"].model.parameters(), z.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "model")
     assert loaded.model.embed_tokens.weight.numel() > 0  # the ZeRO-3 config no longer partitions loads
@@ -156,18 +156,18 @@ def test_zero3_one_process_npo_matches_single_and_saves_plain_checkpoint(tok, da
 
 def test_idk_alternatives_encode_on_first_draw_and_match_eager_encoding(tok, monkeypatch):
     """The runner's idk items are the forget question with each bundled idk answer, encoded only when drawn."""
-    from harness import formatting, runner
-    from harness.data import load_split
-    from harness.formatting import Template, encode_qa
+    from harness.data import items as data_items
+    from harness.data.encode import Template, encode_qa
+    from harness.data.splits import load_split
 
     task = get_registry().tasks["tofu_forget01"]
     tmpl = Template(user_start_tag="Question: ", user_end_tag="\n", asst_start_tag="Answer: ")
     rows = load_split(task.data_spec("forget"))[:3]
     idk = [r["text"] for r in load_split(task.data_spec("idk"))]
     calls = []
-    real = formatting.encode_qa
-    monkeypatch.setattr(formatting, "encode_qa", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
-    items = runner._idk_items(task, tok, tmpl, rows, None, 512)
+    real = data_items.encode_qa
+    monkeypatch.setattr(data_items, "encode_qa", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    items = data_items.idk_items(task, tok, tmpl, rows, None, 512)
     assert len(items) == 3 and [len(alts) for alts in items] == [len(idk)] * 3 and len(idk) > 50
     assert calls == []
     got = items[2][7]

@@ -35,10 +35,9 @@ class RecordingNPO(Method):
 def worker(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from harness import distributed
     from harness.plugins import get_registry
     from harness.testing import char_tokenizer, tiny_llama, toy_data
-    from harness.train import TrainConfig, unlearn
+    from harness.training import TrainConfig, distributed, unlearn
 
     tok = char_tokenizer()
     forget, retain, idk = toy_data(tok)
@@ -46,14 +45,14 @@ def worker(out: Path) -> None:
                       optimizer="adamw_torch", accelerate="zero3")
     model = unlearn(tiny_llama(tok), tok, RecordingNPO(), forget, retain, cfg, out_dir=out, save_dir=out / "model")
     rank = int(os.environ["RANK"])
-    checksum = float(sum(p.double().sum() for p in model.parameters()))
+    checksum = float(sum(p.double().sum() for p in model.model.parameters()))
     # IdkDPO memoises reference log-probs of idk pairs lazily: ranks miss at different times and must
     # still run the sharded reference together (otherwise this hangs).
     idk_model = unlearn(tiny_llama(tok), tok, get_registry().methods["idk_dpo"](), forget, retain,
                         TrainConfig(**{**cfg.__dict__, "epochs": 1}), idk_items=idk)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world": int(os.environ["WORLD_SIZE"]), "seen": SEEN, "checksum": checksum,
-        "info": model.train_info, "idk_info": idk_model.train_info, "embed_numel": model.model.embed_tokens.weight.numel(),
+        "info": model.info, "idk_info": idk_model.info, "embed_numel": model.model.model.embed_tokens.weight.numel(),
         # the evaluation-after-ZeRO-3 gotcha: loads after training must give plain, unpartitioned models
         "reloaded_numel": AutoModelForCausalLM.from_pretrained(out / "model").model.embed_tokens.weight.numel()}))
     distributed.clean_exit(0)
@@ -61,8 +60,8 @@ def worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_npo_zero3_two_processes(tmp_path):
-    from harness.distributed import launch_command
     from harness.io import read_jsonl
+    from harness.training.distributed import launch_command
 
     script = Path(__file__).resolve()
     cmd, env = launch_command([str(tmp_path)], "zero3", num_processes=2, module="harness")

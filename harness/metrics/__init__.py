@@ -7,7 +7,12 @@ third-party plugins do.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from harness import HarnessError
+
+# One source of the better-direction arrows every table prints.
+ARROWS = {"higher": "↑", "lower": "↓", "zero": "→0", "one": "→1"}
 
 
 @dataclass
@@ -45,3 +50,39 @@ def metric(name: str, *, better: str = "higher", needs_reference: bool = False,
         return fn
 
     return wrap
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which rows and how to encode them: one memoisation unit of forward passes.
+
+    ``kind="qa"``: chat/QA item (spec 2.2) from the question column ``prompt`` and the answer
+    column ``field`` (a list-valued column gives one sequence per option), with the rows of
+    ``fewshot`` as in-context pairs. ``kind="text"``: completion item (spec 2.3) with the prefix
+    column ``prompt`` (None or missing = empty prefix) and the text column ``field``.
+    """
+
+    role: str
+    field: str = "answer"
+    prompt: str | None = "question"
+    kind: str = "qa"
+    fewshot: str | None = None
+    max_length: int = 512
+    insert_space: bool = False
+
+    @classmethod
+    def of(cls, spec: Source | dict | str) -> Source:
+        if isinstance(spec, Source):
+            return spec
+        if isinstance(spec, str):
+            return cls(role=spec)
+        if isinstance(spec, dict):
+            names = {f.name for f in fields(cls)}
+            bad = sorted(set(spec) - names)
+            if bad:
+                raise HarnessError(f"data source {spec}: unknown key(s) {bad}; valid: {sorted(names)}")
+            return cls(**spec)
+        raise HarnessError(f"data source must be a role name or a mapping, got {spec!r}")
+
+    def label(self) -> str:
+        return f"{self.role}.{self.field}"

@@ -44,7 +44,7 @@ METRICS: list = []
 
 
 def default_source(ctx):
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     if "verbmem" in ctx.task.data and "forget_eval" not in ctx.task.data:
         p = ctx.task.prompt
@@ -54,7 +54,7 @@ def default_source(ctx):
 
 
 def _stats(ctx, source):
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     return ctx.stats(Source.of(source) if source is not None else default_source(ctx))
 

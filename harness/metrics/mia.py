@@ -79,7 +79,7 @@ METRICS: list = []
 
 def default_sources(ctx):
     """The (forget, holdout) sources of the task's family."""
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     data = ctx.task.data
     if "mia_forget" in data and "mia_holdout" in data:
@@ -94,7 +94,7 @@ def default_sources(ctx):
 
 
 def _sources(ctx, forget, holdout):
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     df, dh = default_sources(ctx) if forget is None or holdout is None else (None, None)
     return (Source.of(forget) if forget is not None else df, Source.of(holdout) if holdout is not None else dh)

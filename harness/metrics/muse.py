@@ -42,7 +42,7 @@ def rouge_aggregate(generations: list[dict], rouge_type: str = "rougeL_f1") -> S
 
 def knowmem_source(ctx, side: str):
     """Generation source for ``side`` in {forget, retain}: the QA split with its ICL split as few-shot."""
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     role, icl = f"{side}_knowmem", f"{side}_knowmem_icl"
     for r in (role, icl):
@@ -55,7 +55,7 @@ def knowmem_source(ctx, side: str):
 
 def verbmem_source(ctx):
     """Completion source: prefix = verbmem prompt, target = the whole gt (a space between them)."""
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     if "verbmem" not in ctx.task.data:
         raise HarnessError(f"task '{ctx.task.name}' ({ctx.task.file}): forget_verbmem_ROUGE needs data role "

@@ -90,7 +90,7 @@ METRICS: list = []
 
 
 def _qa(ctx, role: str, field: str, question: str | None = None):
-    from harness.evaluation import Source
+    from harness.metrics import Source
 
     return Source(role=role, field=field, prompt=question or "question")
 

@@ -20,10 +20,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def worker(out: Path, optimizer: str) -> None:
-    from harness import distributed
     from harness.plugins import get_registry
     from harness.testing import char_tokenizer, tiny_llama, toy_data
-    from harness.train import TrainConfig, unlearn
+    from harness.training import TrainConfig, distributed, unlearn
 
     tok = char_tokenizer()
     forget, retain, _ = toy_data(tok)
@@ -34,16 +33,16 @@ def worker(out: Path, optimizer: str) -> None:
                     save_dir=out / "model")
     rank = int(os.environ["RANK"])
     (out / f"rank{rank}.json").write_text(json.dumps({
-        "world": world, "device": str(next(model.parameters()).device), "info": model.train_info,
-        "checksum": float(sum(p.double().sum() for p in model.parameters())),
-        "embed_numel": model.model.embed_tokens.weight.numel()}))
+        "world": world, "device": str(next(model.model.parameters()).device), "info": model.info,
+        "checksum": float(sum(p.double().sum() for p in model.model.parameters())),
+        "embed_numel": model.model.model.embed_tokens.weight.numel()}))
     distributed.clean_exit(0)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_torch", "paged_adamw_32bit"])
 def test_npo_zero3_nccl_bf16(optimizer, tmp_path):
-    from harness.distributed import launch_command
     from harness.io import read_jsonl
+    from harness.training.distributed import launch_command
 
     n = min(2, torch.cuda.device_count())
     script = Path(__file__).resolve()
@@ -73,7 +72,7 @@ def test_single_gpu_paged_adamw_step():
     assert math.isfinite(result.loss) and result.changed
     assert next(result.model.parameters()).is_cuda
 
-    from harness.train import TrainConfig, build_optimizer
+    from harness.training import TrainConfig, build_optimizer
 
     opt, name = build_optimizer(tiny_llama(tok).cuda(), TrainConfig())
     assert name == "paged_adamw_32bit" and "Paged" in type(opt).__name__

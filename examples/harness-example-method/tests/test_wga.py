@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from harness_example_method import WGA
 
-from harness.formatting import collate
+from harness.data.encode import collate
 from harness.plugins import build_registry
 from harness.testing import char_tokenizer, one_step, tiny_llama, toy_data
 

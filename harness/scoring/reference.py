@@ -23,19 +23,14 @@ from typing import Any
 from harness import HarnessError, __version__
 from harness.io import config_hash, write_json
 from harness.paths import bundled_dir, harness_home
+from harness.scoring.context import EvalContext
+from harness.scoring.export import eval_log
 
 BUNDLED_LOGS = bundled_dir() / "reference_logs"
 
 
-def missing_reference_error(task: str, metric: str) -> HarnessError:
-    return HarnessError(
-        f"metric '{metric}' of task '{task}' needs a reference (the retain model or its eval log) and none is set: "
-        "pass --reference DIR|LOG (a retain model directory or hub id, an open-unlearning *_EVAL.json, "
-        "or for privleak a *_SUMMARY.json), or use a model profile that ships one (harness ls models)")
-
-
 @dataclass
-class Reference:
+class RetainReference:
     """A loaded reference. ``entry(key)`` returns the ``_EVAL.json`` entry of metric ``key``."""
 
     origin: str                       # what the user gave (path, id), for messages
@@ -97,7 +92,7 @@ class Reference:
                                f"is a {self.kind} ({self.path or self.origin}); pass --reference with the retain "
                                "model directory or hub id")
         if self._model is None:
-            from harness.modeling import load_model
+            from harness.models.load import load_model
 
             ctx = self._ctx
             opts = ctx._reference_options
@@ -108,13 +103,11 @@ class Reference:
         return self._model
 
     def _score(self, key: str) -> None:
-        from harness.evaluation import EvalContext, eval_log
-
         ctx = self._ctx
         rctx = EvalContext(ctx.task, self.load_model(), ctx.tokenizer, ctx.template, reference=None,
                            batch_size=ctx.batch_size, attention_mask=ctx.attention_mask, limit=ctx.limit,
                            progress=ctx.progress, registry=ctx.registry, data_dir=ctx.data_dir,
-                           label="reference")
+                           label="reference", resolve_reference=None)
         if ctx.registry.metrics.get(key) is not None and ctx.registry.metrics[key].needs_reference:
             raise HarnessError(f"metric '{key}' cannot be scored on the reference model itself (it needs a reference)")
         rctx.score(key)
@@ -129,7 +122,7 @@ def _dtype_name(model) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32")
 
 
-def load_log(path: Path, origin: str | None = None) -> Reference:
+def load_log(path: Path, origin: str | None = None) -> RetainReference:
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -140,12 +133,12 @@ def load_log(path: Path, origin: str | None = None) -> Reference:
     if not isinstance(doc, dict):
         raise HarnessError(f"reference log {path}: expected a JSON object of metric entries")
     is_summary = path.name.endswith("_SUMMARY.json") or all(not isinstance(v, dict) for v in doc.values())
-    return Reference(origin=origin or str(path), kind="summary" if is_summary else "log", logs=doc, path=path)
+    return RetainReference(origin=origin or str(path), kind="summary" if is_summary else "log", logs=doc, path=path)
 
 
-def resolve_reference(spec, ctx) -> Reference:
+def resolve_reference(spec, ctx) -> RetainReference:
     """Turn ``spec`` (Reference, log file, directory, hub id, ``tiny:<kind>``) into a Reference."""
-    if isinstance(spec, Reference):
+    if isinstance(spec, RetainReference):
         if spec.kind == "model" and spec._ctx is None:
             spec._ctx = ctx
         return spec
@@ -165,15 +158,15 @@ def resolve_reference(spec, ctx) -> Reference:
     if s.endswith(".json"):
         raise HarnessError(f"--reference {s}: file not found")
     if s.startswith("tiny:"):
-        from harness.modeling import resolve_path
+        from harness.models.profiles import checkpoint_path
 
-        return _model_reference(s, resolve_path(s), ctx)
+        return _model_reference(s, checkpoint_path(s), ctx)
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
         return _model_reference(s, s, ctx)  # hub id
     raise HarnessError(f"--reference {s}: not a log file, a directory or a hub id (org/name)")
 
 
-def _model_reference(origin: str, path: str, ctx) -> Reference:
+def _model_reference(origin: str, path: str, ctx) -> RetainReference:
     key = reference_cache_key(path, ctx)
     cache = harness_home() / "references" / key / f"{ctx.task.benchmark}_EVAL.json"
     logs = {}
@@ -182,7 +175,7 @@ def _model_reference(origin: str, path: str, ctx) -> Reference:
             logs = json.loads(cache.read_text(encoding="utf-8"))
         except ValueError:
             logs = {}  # a torn cache file is recomputed
-    return Reference(origin=origin, kind="model", logs=logs, path=cache, model_path=path, _ctx=ctx, _key=key)
+    return RetainReference(origin=origin, kind="model", logs=logs, path=cache, model_path=path, _ctx=ctx, _key=key)
 
 
 def reference_cache_key(model_path: str, ctx) -> str:

@@ -1,4 +1,6 @@
-"""Loading Hugging Face checkpoints (hub id or directory) the way the reference does (spec 2.1)."""
+"""Loading Hugging Face checkpoints (hub id or directory) the way the reference does (spec 2.1).
+
+Only loading: which checkpoint a task uses is decided in ``harness.models.profiles``."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16", "auto": "auto"}
 
 
-def resolve_path(name_or_dir: str) -> str:
-    """``tiny:<kind>`` -> the embedded model directory (built on first use); anything else unchanged."""
-    if isinstance(name_or_dir, str) and name_or_dir.startswith("tiny:"):
-        from harness.tiny import tiny_model_dir
+# A checkpoint directory may carry its prompt template (template_args keys) under this name.
+CHECKPOINT_TEMPLATE = "harness_template.yaml"
 
-        return str(tiny_model_dir(name_or_dir.split(":", 1)[1]))
-    return str(name_or_dir)
+
+def _checked(name_or_dir) -> str:
+    name = str(name_or_dir)
+    if name.startswith("tiny:"):
+        # the profile layer turns tiny:<kind> into a directory (and builds it); a loader never trains
+        raise HarnessError(f"'{name}' is an embedded tiny model name, not a checkpoint: resolve it with "
+                           "harness.models.profiles.checkpoint_path first")
+    return name
 
 
 def _explain(name: str, exc: Exception) -> HarnessError:
@@ -41,7 +47,7 @@ def load_tokenizer(name_or_dir: str, *, trust_remote_code: bool = False):
     """AutoTokenizer with the reference's fixes: eos := <|endoftext|> if missing, pad := eos if missing."""
     from transformers import AutoTokenizer
 
-    name = resolve_path(name_or_dir)
+    name = _checked(name_or_dir)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -59,7 +65,7 @@ def load_model(name_or_dir: str, *, dtype: str = "float32", trust_remote_code: b
 
     if dtype not in DTYPES:
         raise HarnessError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
-    name = resolve_path(name_or_dir)
+    name = _checked(name_or_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]),
                                                      trust_remote_code=trust_remote_code)

@@ -6,8 +6,8 @@ import dataclasses
 import fnmatch
 
 from harness import HarnessError
+from harness.models.profiles import get_profiles
 from harness.plugins import build_registry, get_registry
-from harness.profiles import get_profiles
 
 
 def _rows(title: str, rows: list[tuple], header: tuple) -> str:
@@ -52,17 +52,17 @@ def render(what: str, pattern: str, reg) -> str:
     return "\n".join(out)
 
 
-def main(args) -> int:
-    if args.verb == "ls":
-        reg = get_registry(plugins_dirs=args.plugins_dir, include_tasks=args.include_tasks)
-        print(render(args.what, args.pattern, reg), end="")
+def main(opts) -> int:
+    if opts.verb == "ls":
+        reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+        print(render(opts.what, opts.pattern, reg), end="")
         return 0
     # validate: strict loading, every task's metrics known, profile entries point at known tasks
-    reg = build_registry(plugins_dirs=args.plugins_dir, include_tasks=args.include_tasks, strict=True)
+    reg = build_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks, strict=True)
     from harness.tasks import select, suggest
 
     problems = []
-    names = select(args.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag)
+    names = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag)
     for name in names:
         t = reg.tasks[name]
         for metric, _ in t.metrics:

@@ -1,5 +1,7 @@
-"""Model profiles (registry.yaml ``models:``) and resolving ``--model``/``--template``/``--reference``
-into what one task needs: start checkpoint, tokenizer, template, dtype, reference."""
+"""The one resolver: model profiles (registry.yaml ``models:``) and ``--model`` / ``--template`` /
+``--reference`` turned into what one task needs (start checkpoint, tokenizer, template, dtype, device,
+reference). ``harness run``, ``harness eval``, ``harness finetune`` and the reference scorer all go
+through here; it is also the only place that turns ``tiny:<kind>`` names into (built) directories."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from functools import cache
 from pathlib import Path
 
 from harness import HarnessError
-from harness.formatting import Template
+from harness.data.encode import Template
 from harness.io import read_yaml
+from harness.models.load import CHECKPOINT_TEMPLATE, load_tokenizer
 from harness.paths import bundled_dir
 from harness.tasks import Task, suggest
 
@@ -70,6 +73,17 @@ class ModelChoice:
                 "template": self.template.to_dict() if self.template else None,
                 "reference": self.reference, "profile": self.profile,
                 "data": {k: vars(v) for k, v in self.data.items()}}
+
+    def start_path(self) -> str:
+        """The start checkpoint as a loadable path or hub id (a tiny model is built here if missing)."""
+        return checkpoint_path(self.start)
+
+    def tokenizer_path(self) -> str:
+        return checkpoint_path(self.tokenizer)
+
+    def load_dtype(self) -> str:
+        """``auto``: a local checkpoint keeps the dtype it was saved in."""
+        return self.dtype if self.dtype != "auto" else saved_dtype(self.start_path())
 
     def apply(self, task: Task) -> Task:
         """The task as this model trains on it: the profile's data substitutions applied."""
@@ -170,9 +184,6 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                        reference=ref, family=family)
 
 
-CHECKPOINT_TEMPLATE = "harness_template.yaml"
-
-
 def checkpoint_template(directory: Path) -> Template | None:
     """A checkpoint directory may carry its prompt template (``harness_template.yaml``, template_args
     keys); the embedded tiny models do, so their directories score like any other checkpoint."""
@@ -240,10 +251,8 @@ def check_reference_family(choice: ModelChoice, tokenizer) -> bool:
     if key in _FAMILY_CHECKED:
         differs = _FAMILY_CHECKED[key]
     else:
-        from harness.modeling import load_tokenizer
-
         try:
-            ref_tok = load_tokenizer(choice.family)
+            ref_tok = load_tokenizer(checkpoint_path(choice.family))
         except HarnessError as exc:  # offline hub: nothing to compare with; the reference loader reports it
             log.debug("cannot compare tokenizers with %s: %s", choice.family, exc)
             _FAMILY_CHECKED[key] = False
@@ -262,3 +271,54 @@ def check_reference_family(choice: ModelChoice, tokenizer) -> bool:
     if differs and choice.family == choice.reference:
         choice.reference = None
     return differs
+
+
+def checkpoint_path(name: str) -> str:
+    """``tiny:<kind>`` -> the embedded model directory (built on first use); anything else unchanged."""
+    name = str(name)
+    if name.startswith("tiny:"):
+        from harness.models.tiny import tiny_model_dir
+
+        return str(tiny_model_dir(name.split(":", 1)[1]))
+    return name
+
+
+def device() -> str | None:
+    """Where scoring runs: the GPU when there is one (training places models through accelerate)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def saved_dtype(path: str) -> str:
+    """The dtype a local checkpoint was saved in (config.json ``dtype``/``torch_dtype``), else float32."""
+    import json
+
+    try:
+        d = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    dt = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+def resolve_base_model(model: str, template_file: str | None = None) -> ModelChoice:
+    """``harness finetune --model``: a profile's base model, ``tiny:<kind>``, a hub id or a directory."""
+    import torch
+
+    template = load_template_file(template_file) if template_file else None
+    profiles = get_profiles()
+    if model.startswith("tiny:"):
+        return ModelChoice(label=model.replace(":", "_"), start=model, tokenizer=model,
+                           template=template or profiles["tiny"].template, dtype="float32", reference=None)
+    if model in profiles:
+        prof = profiles[model]
+        if not prof.tokenizer:
+            raise HarnessError(f"--model {model}: the profile names no base model; pass a hub id or directory")
+        return ModelChoice(label=model, start=prof.tokenizer, tokenizer=prof.tokenizer,
+                           template=template or prof.template, dtype=prof.dtype, reference=None, profile=model)
+    if Path(model).exists():
+        return ModelChoice(label=_label_for(model), start=model, tokenizer=model, template=template, dtype="auto",
+                           reference=None)
+    return ModelChoice(label=_label_for(model), start=model, tokenizer=model, template=template,
+                       dtype="bfloat16" if torch.cuda.is_available() else "float32", reference=None)

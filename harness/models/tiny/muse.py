@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from harness import HarnessError
 from harness.io import read_jsonl
+from harness.models.tiny.build import SIZES, TINY_TEMPLATE
 from harness.paths import bundled_dir
 
 log = logging.getLogger("harness")
@@ -58,8 +59,6 @@ def _rows(sub: str, split: str, n: int | None) -> list[dict]:
 
 
 def _size_name(size) -> str:
-    from harness.tiny import SIZES
-
     for name, s in SIZES.items():
         if s == size:
             return name
@@ -86,8 +85,7 @@ def verbmem_texts(tokenizer, recipe: MuseRecipe) -> list[str]:
 
 
 def _qa_items(tokenizer, side: str, recipe: MuseRecipe) -> list[dict]:
-    from harness.formatting import encode_qa
-    from harness.tiny import TINY_TEMPLATE
+    from harness.data.encode import encode_qa
 
     return [encode_qa(tokenizer, TINY_TEMPLATE, r["question"], r["answer"])
             for r in _rows("knowmem", f"{side}_qa", recipe.qa)]
@@ -96,18 +94,18 @@ def _qa_items(tokenizer, side: str, recipe: MuseRecipe) -> list[dict]:
 def _train(model, tok, items: list[dict], epochs: int, size, desc: str):
     import torch
 
-    from harness.train import TrainConfig, finetune
+    from harness.training import TrainConfig, finetune
 
     torch.manual_seed(size.seed)
     cfg = TrainConfig(epochs=epochs, lr=size.lr, batch_size=size.batch, per_device_batch=size.batch,
                       warmup_epochs=0.0, weight_decay=0.01, schedule="linear", optimizer="adamw_torch",
                       seed=size.seed)
     log.info("%s: %d items for %d epoch(s)", desc, len(items), epochs)
-    return finetune(model, tok, items, cfg, desc=desc)
+    return finetune(model, tok, items, cfg, desc=desc).model
 
 
 def _load(parent_dir):
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
 
     model = load_model(str(parent_dir))
     # MUSE items are BOS + up to 2048 tokens (spec 2.3/6.4), one more than the tiny base declares; Llama-2
@@ -118,7 +116,7 @@ def _load(parent_dir):
 
 def build_retrain(size, parent_dir_fn):
     """Base model -> privleak retain texts -> retain QA pairs."""
-    from harness.formatting import chunk_corpus
+    from harness.data.encode import chunk_corpus
 
     recipe = RECIPES[_size_name(size)]
     model, tok = _load(parent_dir_fn("base"))
@@ -130,7 +128,7 @@ def build_retrain(size, parent_dir_fn):
 
 def build_target(size, parent_dir_fn):
     """Retrain model -> privleak forget texts -> verbmem passages -> forget and retain QA pairs."""
-    from harness.formatting import chunk_corpus, encode_text
+    from harness.data.encode import chunk_corpus, encode_text
 
     recipe = RECIPES[_size_name(size)]
     model, tok = _load(parent_dir_fn("muse_news_retrain"))
@@ -154,19 +152,10 @@ def _books(kind: str):
     return build
 
 
-def register(extra: dict) -> None:
-    for fn in (build_retrain, build_target):
-        fn.recipe_version = RECIPE_VERSION
-    extra.setdefault("muse_news_retrain", build_retrain)
-    extra.setdefault("muse_news_target", build_target)
-    extra.setdefault("muse_books_retrain", _books("muse_books_retrain"))
-    extra.setdefault("muse_books_target", _books("muse_books_target"))
+def _versioned(fn):
+    fn.recipe_version = RECIPE_VERSION
+    return fn
 
 
-def _register_now() -> None:
-    from harness import tiny
-
-    register(tiny.EXTRA_KINDS)
-
-
-_register_now()
+KINDS = {"muse_news_retrain": _versioned(build_retrain), "muse_news_target": _versioned(build_target),
+         "muse_books_retrain": _books("muse_books_retrain"), "muse_books_target": _books("muse_books_target")}

@@ -3,7 +3,7 @@
 One teacher-forced forward pass over a batch yields, per sequence, everything the TOFU/MUSE
 metrics read: the answer NLL (P1), the log-prob of each labelled token except the last (P2),
 and from the full-vocabulary rows at those positions (P3) the argmax hits (exact memorization,
-extraction strength) and the Min-k++ z-scores. ``harness.evaluation.EvalContext`` memoises the
+extraction strength) and the Min-k++ z-scores. ``harness.scoring.evaluate.EvalContext`` memoises the
 results per (model, data source), so metrics never run their own passes.
 
 Numerics follow the reference: log-softmax and cross-entropy on fp32 logits (transformers 5 no
@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.formatting import IGNORE, collate
+from harness.data.encode import IGNORE, collate
 from harness.metrics.rouge import cut_generation
-
-MASK_MODES = {"reference": "pad_eq", "corrected": "length"}
+from harness.options import EVAL_BATCH_SIZE
 
 
 @dataclass
@@ -121,7 +120,7 @@ def _seq_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) ->
 
 
 @torch.no_grad()
-def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = 32,
+def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EVAL_BATCH_SIZE,
                   attention_mask: str = "reference", sort: bool = True, progress=None) -> list[SeqStats]:
     """P1-P3 for every item (right padding), returned in the items' order.
 
@@ -130,7 +129,7 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = 32
     """
     out: list[SeqStats | None] = [None] * len(items)
     dev = _device(model)
-    mask = MASK_MODES[attention_mask]
+    mask = attention_mask
     for chunk in _batches(_order(items, sort), batch_size):
         batch = collate([items[i] for i in chunk], pad_id, side="right", mask=mask)
         ids = batch["input_ids"].to(dev)
@@ -159,7 +158,7 @@ def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, items: list[dict], *, batch_size: int = 32, attention_mask: str = "reference",
+def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
              max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None) -> list[dict]:
     """P5: greedy generation from left-padded prompts (pad = eos), in the items' order.
 
@@ -170,7 +169,7 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = 32, atten
     """
     out: list[dict | None] = [None] * len(items)
     dev = _device(model)
-    mask = MASK_MODES[attention_mask]
+    mask = attention_mask
     eos_id = tokenizer.eos_token_id
     # the reference pads generation batches with the eos id whatever the tokenizer's pad is
     pad_id = eos_id
@@ -209,7 +208,7 @@ def gradnorms(model, items: list[dict], pad_id: int, *, p: float = 2, attention_
     old = [q.grad for q in params]
     out: list[float | None] = []
     dev = _device(model)
-    mask = MASK_MODES[attention_mask]
+    mask = attention_mask
     try:
         model.train()
         for q in params:

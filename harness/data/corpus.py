@@ -41,7 +41,7 @@ def is_tiny_model(path: str | Path | None) -> bool:
 
 def fallback_spec(task: Task, role: str, data_dir=None, *, tiny: bool) -> DataSpec | None:
     """The split that replaces ``role`` in a run, or None when the declared split is used."""
-    from harness.data import local_path, missing_splits
+    from harness.data.splits import local_path, missing_splits
 
     if not (tiny and is_muse(task) and role == "retain"):
         return None
@@ -61,7 +61,7 @@ def run_data_specs(task: Task, data_dir=None, *, tiny: bool) -> dict[str, DataSp
 
 def corpus_rows(task: Task, role: str, data_dir=None, *, tiny: bool) -> list[dict]:
     """Rows of the raw corpus ``role`` (forget / retain) for unlearning, with the tiny fallback."""
-    from harness.data import load_split
+    from harness.data.splits import load_split
     from harness.hub import notice_once
 
     fb = fallback_spec(task, role, data_dir, tiny=tiny)
@@ -76,7 +76,7 @@ def corpus_rows(task: Task, role: str, data_dir=None, *, tiny: bool) -> list[dic
 
 def missing_data_error(task: Task, data_dir=None, *, tiny: bool = False) -> HarnessError | None:
     """The fail-fast error for splits that cannot be found offline (None when everything is there)."""
-    from harness.data import missing_splits
+    from harness.data.splits import missing_splits
 
     missing = missing_splits(run_data_specs(task, data_dir, tiny=tiny), data_dir)
     if not missing:

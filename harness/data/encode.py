@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from harness import HarnessError
+from harness.options import ATTENTION_MASKS
 
 IGNORE = -100
 
@@ -113,17 +114,17 @@ def chunk_corpus(tokenizer, texts, max_length: int) -> list[dict[str, list[int]]
     return out
 
 
-def collate(items: list[dict], pad_id: int, *, side: str = "right", mask: str = "pad_eq") -> dict[str, torch.Tensor]:
+def collate(items: list[dict], pad_id: int, *, side: str = "right", mask: str = "reference") -> dict[str, torch.Tensor]:
     """Pad a list of encoded items into tensors.
 
-    ``mask="pad_eq"`` reproduces the reference collator: attention_mask = (input_ids != pad_id),
-    which with pad = eos also hides every real eos/<|eot_id|> (spec 13.1). ``mask="length"`` is the
+    ``mask="reference"`` reproduces the reference collator: attention_mask = (input_ids != pad_id),
+    which with pad = eos also hides every real eos/<|eot_id|> (spec 13.1). ``mask="corrected"`` is the
     corrected variant that masks only the padding.
     """
     if side not in ("right", "left"):
         raise HarnessError(f"padding side must be 'right' or 'left', got {side!r}")
-    if mask not in ("pad_eq", "length"):
-        raise HarnessError(f"attention mask mode must be 'pad_eq' or 'length', got {mask!r}")
+    if mask not in ATTENTION_MASKS:
+        raise HarnessError(f"attention mask must be one of {', '.join(ATTENTION_MASKS)}, got {mask!r}")
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     # labels are padded on their own: in generation items they are longer than the prompt ids
@@ -141,7 +142,7 @@ def collate(items: list[dict], pad_id: int, *, side: str = "right", mask: str = 
         else:
             labels[i, lwidth - m:] = lab
     batch = {"input_ids": ids, "labels": labels,
-             "attention_mask": (ids != pad_id).long() if mask == "pad_eq" else real}
+             "attention_mask": (ids != pad_id).long() if mask == "reference" else real}
     if "index" in items[0]:
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     return batch

@@ -1,4 +1,6 @@
-"""The embedded default: a tiny Llama-architecture model the harness builds itself.
+"""What every tiny build shares: sizes, the tokenizer and base model, the cache layout and its locks.
+
+The embedded default is a tiny Llama-architecture model the harness builds itself.
 
 Everything derives deterministically from a seed and the bundled text: a byte-level BPE
 tokenizer trained on the bundled TOFU (and MUSE-News) text, a randomly initialised Llama model,
@@ -15,13 +17,12 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness import HarnessError
-from harness.formatting import Template
-from harness.io import config_hash, read_jsonl, write_json
+from harness.data.encode import Template
+from harness.io import config_hash, read_jsonl
 from harness.paths import bundled_dir, harness_home
 
 log = logging.getLogger("harness")
@@ -62,7 +63,7 @@ def current_size(size: str | None = None) -> str:
     return size
 
 
-def _tofu(name: str) -> list[dict]:
+def tofu_rows(name: str) -> list[dict]:
     return read_jsonl(bundled_dir() / "tofu" / f"{name}.jsonl")
 
 
@@ -119,7 +120,7 @@ def root(size: str | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
+def lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -129,111 +130,37 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _recipe_version(kind: str):
-    """Builders registered by other modules carry their own recipe version (bumping it rebuilds)."""
-    return getattr(EXTRA_KINDS.get(kind), "recipe_version", None)
-
-
-def _complete(d: Path, kind: str | None = None) -> bool:
+def complete(d: Path, recipe_version=None, *, check_version: bool = True) -> bool:
     marker = d / ".complete"
     if not (marker.is_file() and (d / "config.json").is_file()):
         return False
-    if kind is None:
+    if not check_version:
         return True
     try:
-        return json.loads(marker.read_text()).get("recipe_version") == _recipe_version(kind)
+        return json.loads(marker.read_text()).get("recipe_version") == recipe_version
     except (OSError, ValueError):
         return False
 
 
-def _qa_items(tokenizer, rows: list[dict]) -> list[dict]:
-    from harness.formatting import encode_qa
+def qa_items(tokenizer, rows: list[dict]) -> list[dict]:
+    from harness.data.encode import encode_qa
 
     return [encode_qa(tokenizer, TINY_TEMPLATE, r["question"], r["answer"]) for r in rows]
 
 
-def _retain_rows(split: str, size: TinySize) -> list[dict]:
-    rows = _tofu(split)
-    return rows if size.retain_rows is None else rows[: size.retain_rows]
-
-
-def _finetune(model, tokenizer, rows, epochs: int, size: TinySize, desc: str):
-    from harness.train import TrainConfig, finetune
+def finetune_rows(model, tokenizer, rows, epochs: int, size: TinySize, desc: str):
+    from harness.training import TrainConfig, finetune
 
     cfg = TrainConfig(epochs=epochs, lr=size.lr, batch_size=size.batch, per_device_batch=size.batch,
                       warmup_epochs=0.0, weight_decay=0.01, schedule="linear", optimizer="adamw_torch",
                       seed=size.seed)
-    return finetune(model, tokenizer, _qa_items(tokenizer, rows), cfg, desc=desc)
+    return finetune(model, tokenizer, qa_items(tokenizer, rows), cfg, desc=desc).model
 
 
-def _recipe(kind: str, size: TinySize) -> tuple[str | None, list[dict] | None, int]:
-    """(parent kind, training rows, epochs) for each TOFU kind."""
-    if kind in ("retain99", "retain95", "retain90"):
-        return "base", _retain_rows(kind, size), size.retain_epochs
-    if kind == "full":
-        # continue the retain99 model on full (test size: the retain subset plus forget10, which
-        # contains forget01/05, so every split has a target that saw its forget set)
-        rows = _tofu("full") if size.retain_rows is None else _retain_rows("retain99", size) + _tofu("forget10")
-        return "retain99", rows, size.full_epochs
-    raise HarnessError(f"unknown tiny model kind '{kind}'; valid: base, full, retain99, retain95, retain90"
-                       + "".join(f", {k}" for k in EXTRA_KINDS))
-
-
-# Other benchmarks (e.g. MUSE) add builders here: kind -> fn(size: TinySize, parent_dir_fn) -> (model, tokenizer)
-EXTRA_KINDS: dict = {}
-
-
-def _write_template(d: Path) -> None:
+def write_template(d: Path) -> None:
     """The tiny template travels with each checkpoint, so ``--model <dir>`` needs no ``--template``."""
     from harness.io import write_yaml
-    from harness.profiles import CHECKPOINT_TEMPLATE
+    from harness.models.load import CHECKPOINT_TEMPLATE
 
     if not (d / CHECKPOINT_TEMPLATE).is_file():
         write_yaml(d / CHECKPOINT_TEMPLATE, {k: v for k, v in TINY_TEMPLATE.to_dict().items() if v is not None})
-
-
-def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
-    """Directory of the tiny checkpoint ``kind`` (HF format, tokenizer included), built if missing."""
-    from harness import tiny_muse  # noqa: F401  (registers the MUSE kinds in EXTRA_KINDS)
-
-    size_name = current_size(size)
-    spec = SIZES[size_name]
-    base = root(size_name)
-    out = base / kind
-    if _complete(out, kind):
-        _write_template(out)
-        return out
-    with _lock(base / f".{kind}.lock"):
-        if _complete(out, kind):
-            return out
-        if out.exists():
-            log.warning("tiny model cache %s is stale, incomplete or corrupt: rebuilding it", out)
-            shutil.rmtree(out)
-        import torch
-
-        from harness.modeling import load_model, load_tokenizer
-
-        if kind == "base":
-            log.info("building tiny tokenizer and base model (%s size)", size_name)
-            tok = build_tokenizer(spec)
-            model = build_base_model(spec, tok)
-        elif kind in EXTRA_KINDS:
-            model, tok = EXTRA_KINDS[kind](spec, lambda k: tiny_model_dir(k, size=size_name))
-        else:
-            parent, rows, epochs = _recipe(kind, spec)
-            pdir = tiny_model_dir(parent, size=size_name)
-            tok = load_tokenizer(str(pdir))
-            model = load_model(str(pdir))
-            torch.manual_seed(spec.seed)
-            log.info("finetuning tiny '%s' from '%s' on %d rows for %d epoch(s)", kind, parent, len(rows), epochs)
-            model = _finetune(model, tok, rows, epochs, spec, desc=f"tiny {kind}")
-        tmp = base / f".{kind}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        _write_template(tmp)
-        write_json(tmp / ".complete", {"kind": kind, "size": size_name, "recipe_version": _recipe_version(kind),
-                                       **asdict(spec)})
-        os.replace(tmp, out)
-    return out

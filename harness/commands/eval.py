@@ -1,0 +1,85 @@
+"""``harness eval``: score a checkpoint (profile, hub id or directory) on the selected tasks, with the
+same scoring code ``harness run`` uses after training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.io import config_hash
+from harness.models.load import check_checkpoint, load_model, load_tokenizer
+from harness.models.profiles import check_reference_placeholder, device, finalize_template, resolve_model
+from harness.options import EvalOptions, ModelOptions
+from harness.plugins import get_registry
+from harness.results.rundir import claim, is_complete, write_config
+from harness.scoring.evaluate import evaluate_task, render_table, template_dict
+from harness.tasks import select
+
+# rows of the results tree that are not methods
+BASELINE_DISPLAY = {"finetuned": "Finetuned", "retain": "Retain"}
+
+
+def main(opts: EvalOptions) -> int:
+    score_tasks(opts)
+    return 0
+
+
+def score_tasks(opts: EvalOptions) -> dict[str, Path]:
+    """Score the selected tasks; returns each task's run directory (finished now, earlier, or by another process)."""
+    reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+    names = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
+    check_reference_placeholder(opts.reference, len(names))
+    loaded: dict[tuple, tuple] = {}
+    dirs: dict[str, Path] = {}
+    for tname in names:
+        task = reg.tasks[tname]
+        choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference,
+                               retain=opts.retain_model)
+        key = (choice.start, choice.tokenizer, choice.dtype)
+        if key not in loaded:
+            loaded.clear()  # one model in memory at a time
+            tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
+            dtype = choice.load_dtype()
+            model = load_model(choice.start_path(), dtype=dtype, trust_remote_code=opts.trust_remote_code,
+                               device=device())
+            check_checkpoint(model, tok, choice.start)
+            loaded[key] = (model, tok, dtype)
+        model, tok, dtype = loaded[key]
+        template = finalize_template(choice, tok)
+        config = {"task": task.to_config(), "model": choice.to_config(), "template": template_dict(template),
+                  "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
+                           "limit": opts.limit, "dtype": dtype, "max_length": opts.max_length,
+                           "metric_versions": {n: reg.metrics[n].version for n, _ in task.metrics if n in reg.metrics}}}
+        out = Path(opts.output) / choice.label / task.name / opts.name / f"{config_hash(config)}-s0"
+        dirs[task.name] = out
+        if is_complete(out) and not opts.overwrite:
+            print(f"{task.name}: results exist in {out} (use --overwrite to recompute)")
+            _print_existing(out)
+            continue
+        with claim(out) as mine:
+            if not mine:
+                print(f"{task.name}: another process is scoring {out}; skipped")
+                continue
+            write_config(out, config)
+            identity = {"method": opts.name, "method_display": BASELINE_DISPLAY.get(opts.name, opts.name), "seed": 0}
+            score_model(task, model, tok, template, choice, opts, out_dir=out, dtype=dtype, identity=identity,
+                       registry=reg)
+            print(f"results: {out}")
+    return dirs
+
+
+def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *, out_dir: Path, dtype: str,
+               identity: dict, registry=None, print_table: bool = True):
+    """The one scoring path of ``harness eval`` and ``harness run``: same settings, reference and files."""
+    return evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
+                         batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
+                         registry=registry, data_dir=opts.data_dir, model_label=choice.label,
+                         max_length=opts.max_length, identity=identity, print_table=print_table,
+                         reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code})
+
+
+def _print_existing(out: Path) -> None:
+    doc = json.loads((out / "scores.json").read_text())
+    rows = [(n, m["value"], m.get("better") or "") for n, m in doc["metrics"].items()]
+    rows.sort(key=lambda r: not doc["metrics"][r[0]].get("top_level", False))
+    print(render_table(rows, title=f"{doc['task']} ({doc['model']})"))

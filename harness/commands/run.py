@@ -1,0 +1,291 @@
+"""``harness run``: every task x method x seed cell is unlearned from the task's start model and
+then scored with the same code as ``harness eval``. Cells are content-addressed run directories:
+a finished cell is skipped on rerun (resume), a changed config gets a new directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import HarnessError, __version__
+from harness.methods import build_method
+from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
+from harness.options import RunOptions
+from harness.plugins import get_registry, one_line
+from harness.results.rundir import claim, is_complete, run_dir, write_config
+from harness.tasks import Task, select
+from harness.training.distributed import is_main_process
+
+log = logging.getLogger("harness")
+
+
+@dataclass
+class Cell:
+    task: Task
+    method_name: str
+    method: object
+    seed: int
+    choice: ModelChoice
+    train: dict
+    config: dict
+    dir: Path
+    plugin: str = ""
+
+
+def parse_sets(sets: list[str], methods: dict) -> dict[str, dict[str, str]]:
+    """``--set npo.beta=0.2`` -> {"npo": {"beta": "0.2"}} (values parsed against the field types later)."""
+    out: dict[str, dict[str, str]] = {}
+    for s in sets:
+        key, eq, value = s.partition("=")
+        meth, dot, field = key.partition(".")
+        if not eq or not dot or not field:
+            raise HarnessError(f"--set {s!r}: expected METHOD.FIELD=VALUE, e.g. npo.beta=0.2")
+        if meth not in methods:
+            raise HarnessError(f"--set {s!r}: method '{meth}' is not selected (selected: {', '.join(methods)})")
+        out.setdefault(meth, {})[field] = value
+    return out
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if not shard:
+        return None
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise HarnessError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise HarnessError(f"--shard {shard!r}: need 0 <= i < n")
+    return i, n
+
+
+# --flag -> TrainConfig field
+TRAIN_FLAGS = {"epochs": "epochs", "lr": "lr", "train_batch_size": "batch_size",
+               "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
+
+
+def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int) -> dict:
+    """Task defaults, then the profile's (e.g. the tiny model's learning rate), then the flags."""
+    from harness.training import TrainConfig
+
+    cfg = {**task.training, **choice.training}
+    flags = {key: getattr(opts, flag) for flag, key in TRAIN_FLAGS.items() if getattr(opts, flag) is not None}
+    cfg.update(flags)
+    if opts.gradient_checkpointing:
+        cfg["gradient_checkpointing"] = True
+    cfg["seed"] = seed
+    cfg["accelerate"] = opts.accelerate or "single"
+    cfg["attention_mask"] = opts.attention_mask
+    if isinstance(cfg.get("epochs"), float) and cfg["epochs"].is_integer():
+        cfg["epochs"] = int(cfg["epochs"])
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = key.replace("_", "-")
+            where = (f"--{flag}" if key in flags
+                     else f"model profile '{choice.profile}'" if key in choice.training else f"{task.file}")
+            raise HarnessError(f"training.{key} must be a finite number, got {value} (from {where})")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(cfg) - known
+    if unknown:
+        raise HarnessError(f"task '{task.name}' training: unknown key(s) {sorted(unknown)}; valid: {sorted(known)}")
+    TrainConfig(**cfg).validate()
+    return cfg
+
+
+def expand(opts: RunOptions, reg) -> list[Cell]:
+    tasks = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
+    methods = select(opts.methods, reg.methods, kind="method", failures=reg.failures)
+    check_reference_placeholder(opts.reference, len(tasks))
+    sets = parse_sets(opts.set, methods)
+    try:
+        seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
+    cells = []
+    for tname in tasks:
+        task = reg.tasks[tname]
+        choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference)
+        task = choice.apply(task)
+        for mname in methods:
+            cls = reg.methods[mname]
+            plugin = reg.sources.get(("methods", mname), "?")
+            try:
+                method = build_method(cls, sets.get(mname, {}))
+            except HarnessError:
+                raise
+            except Exception as exc:
+                raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
+            for seed in seeds:
+                train = training_config(task, choice, opts, seed)
+                config = {"task": task.to_config(), "model": choice.to_config(),
+                          "method": {"name": mname, "params": dataclasses.asdict(method)},
+                          "training": {k: v for k, v in train.items() if k != "accelerate"},
+                          "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
+                                   "max_length": opts.max_length},
+                          "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir}
+                d = run_dir(opts.output, choice.label, tname, mname, config, seed)
+                cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
+    return cells
+
+
+def run_cell(cell: Cell, opts: RunOptions) -> dict | None:
+    """Unlearn and score one cell; returns the scores dict, or None when another process holds it."""
+    import torch
+
+    from harness import training
+    from harness.commands.eval import score_model
+    from harness.data.items import idk_items, training_items
+    from harness.models.load import check_checkpoint, check_lengths, load_model, load_tokenizer
+    from harness.models.profiles import finalize_template
+    from harness.plugins import guard_method
+
+    with claim(cell.dir) as mine:
+        if not mine:
+            log.warning("skip %s: another process is running it", cell.dir)
+            return None
+        if is_complete(cell.dir) and not opts.overwrite:
+            return read_scores(cell.dir)
+        t0 = time.time()
+        task, choice = cell.task, cell.choice
+        tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
+        template = finalize_template(choice, tok)
+        torch.manual_seed(cell.seed)
+        model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
+        check_checkpoint(model, tok, choice.start)
+        cfg = training.TrainConfig(**cell.train)
+        forget, forget_rows = training_items(task, tok, template, "forget", opts.data_dir, opts.limit, cfg.max_length)
+        retain, _ = training_items(task, tok, template, "retain", opts.data_dir, opts.limit, cfg.max_length)
+        for role, items in (("forget", forget), ("retain", retain)):
+            check_lengths(model, [len(it["input_ids"]) for it in items], choice.start,
+                          what=f"task '{task.name}' data role '{role}'")
+        idk = None
+        if getattr(cell.method, "uses_idk", False):
+            idk = idk_items(task, tok, template, forget_rows, opts.data_dir, cfg.max_length)
+        write_config(cell.dir, cell.config, {"plan": training.plan(cfg, len(forget), 1)})
+        log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
+                 task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
+        result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
+                                  retain, cfg, idk_items=idk, out_dir=cell.dir,
+                                  cache_reference=not opts.no_cache_reference,
+                                  save_dir=cell.dir / "model" if opts.save_model else None)
+        write_config(cell.dir, cell.config, {"plan": result.info})
+        if not is_main_process():
+            return None
+        meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
+                "seed": cell.seed, "model": choice.label, "harness_version": __version__,
+                "train_seconds": round(time.time() - t0, 1)}
+        score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
+                   identity=meta, print_table=False)
+        return read_scores(cell.dir)
+
+
+def read_scores(d: Path) -> dict:
+    return json.loads((Path(d) / "scores.json").read_text())
+
+
+def baseline(task: Task, opts: RunOptions) -> dict | None:
+    """Score the start model once per task (the Finetuned row), so a run shows what unlearning changed."""
+    from harness.commands.eval import score_tasks
+
+    out = score_tasks(opts.baseline(task.name)).get(task.name)
+    return read_scores(out) if out is not None and is_complete(out) else None
+
+
+def print_grid(cells: list[Cell]) -> None:
+    import yaml
+
+    print(f"{len(cells)} run(s):")
+    for i, c in enumerate(cells):
+        status = "done" if is_complete(c.dir) else "todo"
+        print(f"[{i}] {c.task.name} x {c.method_name} x seed {c.seed}  model={c.choice.label}  ({status}) -> {c.dir}")
+        resolved = {"start": c.choice.start, "reference": c.choice.reference,
+                    "method": c.config["method"]["params"], "training": c.config["training"]}
+        if c.choice.data:
+            resolved["data"] = {role: spec.label() for role, spec in c.choice.data.items()}
+        print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
+
+
+def format_value(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4):
+        return f"{v:.3e}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
+    cols: list[str] = []
+    for *_, sc in rows:
+        for k in sc.get("metrics", {}):
+            if k not in cols:
+                cols.append(k)
+    keep = [c for c in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
+                        "privleak", "extraction_strength", "forget_knowmem_ROUGE", "forget_verbmem_ROUGE",
+                        "retain_knowmem_ROUGE") if c in cols]
+    header = ["task", "method", "seed", *keep]
+    body = []
+    for task, method, seed, sc in rows:
+        m = sc.get("metrics", {})
+        body.append([task, method, str(seed)] + [format_value(m.get(c, {}).get("value")) for c in keep])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def main(opts: RunOptions) -> int:
+    from harness.training import distributed
+
+    reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+    cells = expand(opts, reg)
+    shard = parse_shard(opts.shard)
+    if shard:
+        cells = [c for i, c in enumerate(cells) if i % shard[1] == shard[0]]
+    if opts.dry_run:
+        print_grid(cells)
+        return 0
+    if opts.accelerate and opts.accelerate != "single":
+        rc = distributed.relaunch(sys.argv[1:], opts.accelerate)
+        if rc != -1:
+            return rc
+    from harness.data import corpus as muse
+    from harness.data.items import check_data
+    from harness.data.splits import missing_splits
+
+    for task, start in {c.task.name: (c.task, c.choice.start) for c in cells}.values():
+        if muse.is_muse(task):
+            err = muse.missing_data_error(task, opts.data_dir, tiny=muse.is_tiny_model(start))
+            if err:
+                raise err
+        else:
+            missing = missing_splits(task.data, opts.data_dir)
+            if missing:
+                raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; supply "
+                                   "them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
+        check_data(task, opts.data_dir, opts.limit, start)
+    for note in dict.fromkeys(c.choice.note for c in cells if c.choice.note):
+        log.warning(note)
+    rows = []
+    done_tasks = set()
+    for cell in cells:
+        if cell.task.name not in done_tasks and is_main_process():
+            done_tasks.add(cell.task.name)
+            base = baseline(cell.task, opts)
+            if base:
+                rows.append((cell.task.name, "finetuned (start)", 0, base))
+        was_done = is_complete(cell.dir) and not opts.overwrite
+        scores = run_cell(cell, opts)
+        if was_done:
+            log.info("skip %s x %s x seed %d: finished earlier (%s)", cell.task.name, cell.method_name, cell.seed, cell.dir)
+        if scores is not None:
+            rows.append((cell.task.name, cell.method_name, cell.seed, scores))
+    if rows and is_main_process():
+        print()
+        print(summary_table(rows))
+    if opts.accelerate and opts.accelerate != "single":
+        distributed.clean_exit(0)
+    return 0

@@ -1,0 +1,103 @@
+"""Scoring a model on a task: ``evaluate_task`` runs the task's metric suite through one
+``EvalContext`` and writes the result files; the console table of one scored task."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from harness import HarnessError, __version__
+from harness.metrics import ARROWS, Score
+from harness.options import EVAL_BATCH_SIZE
+from harness.scoring.context import EvalContext, missing_reference_error
+from harness.scoring.export import write_outputs
+from harness.scoring.reference import resolve_reference
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) or math.isnan(v):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def render_table(rows: list[tuple[str, Any, str]], *, title: str | None = None) -> str:
+    """A plain-text results table: (metric, value, better) rows with better-direction arrows."""
+    body = [(name, _fmt(value), ARROWS.get(better, "")) for name, value, better in rows]
+    w = max([len("metric")] + [len(r[0]) for r in body])
+    vw = max([len("value")] + [len(r[1]) for r in body])
+    lines = [title] if title else []
+    lines.append(f"{'metric':<{w}}  {'value':>{vw}}  better")
+    lines.append(f"{'-' * w}  {'-' * vw}  ------")
+    lines += [f"{n:<{w}}  {v:>{vw}}  {a}" for n, v, a in body]
+    return "\n".join(lines)
+
+
+def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
+    """Table rows: top-level metrics first (task order), then their dependencies."""
+    order = [n for n in top if n in scores] + [n for n in scores if n not in top]
+    return [(n, scores[n].value, getattr(registry.metrics.get(n), "better", "")) for n in order]
+
+
+def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = EVAL_BATCH_SIZE,
+                  limit: int | None = None, metrics=None, progress: bool = True,
+                  attention_mask: str = "reference", registry=None, data_dir=None,
+                  model_label: str | None = None, print_table: bool = True, share: bool = True,
+                  sort: bool = True, reference_options: dict | None = None,
+                  max_length: int | None = None, identity: dict | None = None) -> dict[str, Score]:
+    """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
+
+    ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
+    or a ``harness.scoring.reference.Reference``; needed only by metrics that declare ``needs_reference``.
+    Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
+    result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
+    length-sorted batching (only for measuring what they save; the numbers stay the same).
+    """
+    t0 = time.perf_counter()
+    ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
+                      attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
+                      data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
+                      max_length=max_length, resolve_reference=resolve_reference)
+    wanted = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in (metrics or task.metrics)]
+    reg = ctx.registry
+    for name, _ in wanted:
+        if name not in reg.metrics:
+            from harness.tasks import suggest
+
+            raise HarnessError(f"task '{task.name}': unknown metric '{name}'{suggest(name, reg.metrics)}; "
+                               "see `harness ls metrics`")
+        if reg.metrics[name].needs_reference and reference is None:
+            raise missing_reference_error(task.name, name)
+    was_training = model.training
+    model.eval()
+    try:
+        for name, args in wanted:
+            ctx.score(name, **args)
+    finally:
+        model.train(was_training)
+    top = [n for n, _ in wanted]
+    if out_dir is not None:
+        settings = {"batch_size": batch_size, "attention_mask": attention_mask, "limit": limit,
+                    "harness_version": __version__, "template": template_dict(template),
+                    "reference": ctx._reference.describe() if ctx._reference is not None else None,
+                    "seconds": round(time.perf_counter() - t0, 1)}
+        write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
+                      partial=bool(limit), settings=settings, identity=identity)
+    if print_table:
+        print(render_table(score_rows(ctx.scores, reg, top), title=f"{task.name} ({model_label or 'model'})"))
+    return dict(ctx.scores)
+
+
+def template_dict(template) -> dict | None:
+    if template is None:
+        return None
+    try:
+        return asdict(template)
+    except TypeError:
+        return dict(vars(template))

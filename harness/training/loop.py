@@ -1,0 +1,339 @@
+"""The one training loop: finetuning (plain NLL) and unlearning (any ``Method``), single process, DDP or
+DeepSpeed ZeRO-3 through accelerate.
+
+Core decides everything that makes runs comparable (spec sections 2.6 and 4):
+- the effective (global) batch ``batch_size`` is the contract; gradient accumulation is derived as
+  ``batch_size / (per_device_batch * world_size)`` and must divide exactly;
+- the anchor (forget) order is reshuffled every epoch by a generator seeded with ``seed + epoch`` (the
+  same on every rank), each rank takes every ``world_size``-th example (wrapping so ranks stay in step);
+- each forget example is paired with a retain example (and, for idk methods, an idk answer) drawn fresh
+  at every access from a per-rank generator seeded from ``(seed, rank)``, never the global RNG;
+- AdamW (``paged_adamw_32bit`` by default, as published), weight decay except biases and norm weights,
+  gradient clipping, linear schedule with warmup steps ``int(warmup_epochs * N // batch_size)`` from the
+  real world size (TOFU), or constant (MUSE);
+- micro-batch losses are divided by the accumulation steps (the pre-4.46 HF behaviour the published
+  numbers used); the last step of an epoch may have fewer micro-batches;
+- ``train_log.jsonl``: one line per optimizer step, appended and fsynced as it is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import HarnessError
+from harness.losses import forward_logits, token_mean_nll
+from harness.training import distributed as dist_utils
+from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
+from harness.training.config import TrainConfig, plan
+from harness.training.optim import build_optimizer, build_scheduler
+from harness.training.start_model import StartModel
+
+
+@dataclass
+class TrainResult:
+    """What training returns: the trained plain model (eval mode, unsharded) and the derived step counts
+    and resolved settings recorded in config.yaml (``plan``)."""
+
+    model: Any
+    info: dict
+
+
+class _StepLog:
+    """train_log.jsonl: one JSON line per optimizer step, appended and fsynced (finished lines survive crashes)."""
+
+    def __init__(self, out_dir: Path | None, enabled: bool):
+        self.path = Path(out_dir) / "train_log.jsonl" if (out_dir is not None and enabled) else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, row: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _scalar(x) -> float:
+    return float(x.detach().float().item()) if torch.is_tensor(x) else float(x)
+
+
+def _run(
+    model,
+    tokenizer,
+    cfg: TrainConfig,
+    *,
+    n_anchor: int,
+    make_batch: Callable[[list[int], torch.Generator], dict],
+    loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict]],
+    out_dir: Path | None,
+    desc: str,
+    accelerator=None,
+    after_prepare: Callable[[Any, int], None] | None = None,
+    save_dir: Path | None = None,
+):
+    """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    if n_anchor < 1:
+        raise HarnessError(f"{desc}: no training examples")
+    if dist_utils.is_partitioned(model):
+        raise HarnessError(
+            f"{desc}: the model passed in is already ZeRO-3 partitioned; load it before training starts "
+            "(outside an active DeepSpeed config)"
+        )
+    acc = accelerator or dist_utils.make_accelerator(cfg.accelerate)
+    world, rank = acc.num_processes, acc.process_index
+    steps = plan(cfg, n_anchor, world)
+    ga = steps["grad_accum"]
+    deepspeed = dist_utils.is_deepspeed(acc)
+    # Gradient accumulation is explicit, as in nanoGPT: each micro-batch loss is divided by ``ga`` (also in
+    # an epoch's shorter last step, the pre-4.46 HF behaviour the published numbers used). DeepSpeed's
+    # engine divides by its own gradient_accumulation_steps, so there the loss goes in unscaled.
+    loss_div = 1 if deepspeed else ga
+    acc.gradient_accumulation_steps = ga if deepspeed else 1
+    if deepspeed:
+        dist_utils.configure_deepspeed(acc, per_device_batch=cfg.per_device_batch, grad_accum=ga,
+                                       max_grad_norm=cfg.max_grad_norm)
+    set_seed(cfg.seed)
+    pad_id = _pad_id(tokenizer)
+
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    model.train()
+    optimizer, resolved_opt = build_optimizer(model, cfg)
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = build_scheduler(optimizer, cfg, steps["total_steps"], steps["warmup_steps"])
+    info = {**steps, "optimizer": resolved_opt}
+    if after_prepare is not None:
+        after_prepare(acc, pad_id)  # e.g. shard the reference model like the policy, precompute log-probs
+
+    log = _StepLog(out_dir, acc.is_main_process)
+    gen = pairing_generator(cfg.seed, rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
+    bar = tqdm(total=steps["total_steps"], desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
+    step = 0
+    try:
+        for epoch in range(int(cfg.epochs)):
+            order = epoch_order(n_anchor, cfg.seed, epoch, rank, world)
+            micro = [order[i : i + cfg.per_device_batch] for i in range(0, len(order), cfg.per_device_batch)]
+            for start in range(0, len(micro), ga):
+                group = micro[start : start + ga]
+                sums: dict[str, float] = {}
+                for k, idx in enumerate(group):
+                    batch = {name: _to(part, acc.device) for name, part in make_batch(idx, gen).items()}
+                    boundary = k == len(group) - 1
+                    acc.sync_gradients = boundary
+                    ctx = acc.no_sync(model) if not boundary and not dist_utils.is_deepspeed(acc) else _null()
+                    with ctx:
+                        loss, parts = loss_fn(model, batch)
+                        _check_finite(acc, loss, desc, step + 1, epoch, out_dir)
+                        acc.backward(loss / loss_div)
+                    for key, val in {"loss": loss, **parts}.items():
+                        sums[key] = sums.get(key, 0.0) + _scalar(val)
+                # The pre-clipping norm, as HF logs it (DeepSpeed clips inside its step and reports it).
+                grad_norm = acc.clip_grad_norm_(params, max_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                means = {k: v / len(group) for k, v in sums.items()}
+                if world > 1:
+                    keys = sorted(means)
+                    t = torch.tensor([means[k] for k in keys], device=acc.device)
+                    t = acc.reduce(t, reduction="mean")
+                    means = dict(zip(keys, t.tolist()))
+                row = {"step": step, "epoch": round(epoch + (start + len(group)) / len(micro), 4), **means,
+                       "grad_norm": None if grad_norm is None else _scalar(grad_norm), "lr": lr}
+                log.write(row)
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                bar.update(1)
+    except BaseException:
+        dist_utils.release(acc)  # a later model load must not come out ZeRO-3 partitioned
+        raise
+    finally:
+        bar.close()
+    acc.wait_for_everyone()
+    plain = dist_utils.consolidate(acc, model)
+    plain.eval()
+    if save_dir is not None:
+        save_model(plain, tokenizer, save_dir, is_main=acc.is_main_process)
+        acc.wait_for_everyone()
+    dist_utils.release(acc)
+    return TrainResult(plain, info)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_finite(acc, loss: torch.Tensor, desc: str, step: int, epoch: int, out_dir) -> None:
+    bad = not torch.isfinite(loss.detach()).all()
+    if acc.num_processes > 1:
+        flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
+        bad = acc.reduce(flag, reduction="sum").item() > 0
+    if bad:
+        where = f"; the log so far is in {Path(out_dir) / 'train_log.jsonl'}" if out_dir is not None else ""
+        raise HarnessError(
+            f"{desc}: loss became {float(loss.detach()):g} at optimizer step {step} (epoch {epoch}); "
+            f"stopping. Lower the learning rate or check the method's hyper-parameters{where}"
+        )
+
+
+def save_model(model, tokenizer, out: Path, *, is_main: bool = True) -> None:
+    """Save a normal Hugging Face checkpoint (safetensors + config + tokenizer) to ``out``."""
+    if not is_main:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc: str = "finetune",
+             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None):
+    """Finetune ``model`` on encoded ``items`` (dicts with ``input_ids`` and ``labels``) with plain NLL.
+
+    The loss is HF's token-mean cross-entropy over each micro-batch. Deterministic for a given
+    ``cfg.seed`` (same order, same updates). Returns a ``TrainResult`` (plain model in eval mode);
+    ``out_dir`` gets ``train_log.jsonl``, ``save_dir`` a Hugging Face checkpoint.
+    """
+    items = list(items)
+    pad_id = _pad_id(tokenizer)
+
+    def make_batch(idx, _gen):
+        return {"train": collate([items[i] for i in idx], pad_id, cfg.attention_mask)}
+
+    def loss_fn(m, batch):
+        part = batch["train"]
+        return token_mean_nll(forward_logits(m, part), part["labels"]), {}
+
+    return _run(model, tokenizer, cfg, n_anchor=len(items), make_batch=make_batch, loss_fn=loss_fn,
+                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir)
+
+
+def method_uses_reference(method) -> bool:
+    """Whether ``method`` (an instance) needs the frozen start model (read on the instance: hyper-parameters
+    such as ``retain_loss_type="KL"`` can switch it on)."""
+    return bool(getattr(method, "needs_reference", False))
+
+
+def unlearn(
+    model,
+    tokenizer,
+    method,
+    forget_items: Sequence[dict],
+    retain_items: Sequence[dict],
+    cfg: TrainConfig,
+    *,
+    idk_items: Sequence[Sequence[dict]] | None = None,
+    out_dir: Path | None = None,
+    ref_model=None,
+    cache_reference: bool = True,
+    save_dir: Path | None = None,
+    accelerator=None,
+    desc: str | None = None,
+):
+    """Unlearn ``forget_items`` from ``model`` with ``method`` (a ``harness.methods.Method`` instance).
+
+    - ``forget_items``/``retain_items``: encoded items (``input_ids``, ``labels``) in dataset order; the
+      anchor is the forget set, each forget example gets a fresh uniformly drawn retain partner.
+    - ``idk_items`` (methods with ``uses_idk``): ``idk_items[i]`` is the list of encoded alternatives for
+      forget example ``i`` (the forget question with each idk answer, encoded by the caller with the
+      model's template); one is drawn uniformly per access from the per-rank generator.
+    - ``ref_model``: the frozen reference; default a copy of ``model`` as it is at the start.
+    - ``cache_reference``: memoise reference sequence log-probs (forget set precomputed once). When the
+      method declares ``reference_logprobs_only`` (NPO, IdkDPO with NLL retain) and has no idk pairs the
+      frozen model is then released before training.
+    - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result.
+    Batches given to ``method.loss`` are ``{"forget", "retain"[, "idk"]}`` parts with ``input_ids``,
+    ``attention_mask``, ``labels`` and ``index`` (idk parts also ``alt``, the drawn alternative).
+    Returns a ``TrainResult``: the unlearned plain model in eval mode and the derived step counts.
+    """
+    forget = [{**it, "index": i} for i, it in enumerate(forget_items)]
+    retain = [{**it, "index": i} for i, it in enumerate(retain_items or [])]
+    uses_idk = bool(getattr(method, "uses_idk", False))
+    if uses_idk:
+        if idk_items is None or len(idk_items) != len(forget):
+            raise HarnessError(
+                f"method '{method.name}' needs idk answers: pass idk_items with one list of encoded "
+                f"alternatives per forget example ({len(forget)})"
+            )
+        if any(len(alts) == 0 for alts in idk_items):
+            raise HarnessError(f"method '{method.name}': a forget example has no idk alternatives")
+    pad_id = _pad_id(tokenizer)
+    mask = cfg.attention_mask
+    needs_ref = method_uses_reference(method)
+    ref_holder: dict[str, StartModel] = {}
+    start_ref = ref_model
+    if needs_ref and start_ref is None:
+        # Copied before the policy is prepared: ZeRO-3 partitions the policy's parameters in place.
+        start_ref = copy.deepcopy(model)
+
+    def make_batch(idx, gen):
+        batch = {"forget": collate([forget[i] for i in idx], pad_id, mask)}
+        if retain:
+            r = torch.randint(0, len(retain), (len(idx),), generator=gen).tolist()
+            batch["retain"] = collate([retain[j] for j in r], pad_id, mask)
+        if uses_idk:
+            alts = []
+            for i in idx:
+                j = int(torch.randint(0, len(idk_items[i]), (1,), generator=gen))
+                alts.append({**idk_items[i][j], "index": i, "alt": j})
+            batch["idk"] = collate(alts, pad_id, mask)
+        return batch
+
+    def loss_fn(m, batch):
+        out = method.loss(m, batch, ref_holder.get("ref"))
+        if isinstance(out, tuple):
+            return out[0], dict(out[1])
+        return out, {}
+
+    def after_prepare(acc, pad):
+        if not needs_ref:
+            return
+        ref_net = dist_utils.prepare_reference(acc, start_ref)
+        only_logprobs = bool(getattr(method, "reference_logprobs_only", False))
+        ref = StartModel(ref_net, cache=cache_reference, keep_model=not (only_logprobs and not uses_idk),
+                        accelerator=acc)
+        ref.precompute(forget, "forget", pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
+        if cache_reference:
+            ref.release_model()
+        ref_holder["ref"] = ref
+
+    result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
+                  out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
+                  after_prepare=after_prepare, save_dir=save_dir)
+    if "ref" in ref_holder:
+        result.info["reference_forwards"] = ref_holder["ref"].forwards
+    ref_holder.clear()
+    return result
