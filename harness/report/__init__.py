@@ -1,0 +1,96 @@
+"""`harness report`: result tables in the published layout, comparison with the published numbers, plots.
+
+Reads every `scores.json` under a results folder (layout in docs/architecture.md), averages seeds
+(mean and sample standard deviation), and renders one table per (benchmark, model): rows Finetuned,
+Retain, then the methods; column groups the splits (forget01/05/10 or News/Books), each with the
+benchmark's headline metrics. Values print in scientific notation with 3 significant digits, like the
+published tables. `--compare` adds our value, the published one and the gap (log10 for forget quality,
+where a published 0 or a missing value gives n/a instead of an infinite gap).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness import HarnessError
+from harness.io import write_json, write_text
+from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, load_runs
+from harness.report.plot import plot
+from harness.report.published import (
+    LOG_METRICS,
+    PUBLISHED_DIR,
+    PUBLISHED_MODELS,
+    difference,
+    is_counterpart,
+    load_published,
+    published_model_names,
+)
+from harness.report.render import (
+    COMPARE_COLUMNS,
+    CSV_COLUMNS,
+    render_csv,
+    render_html,
+    render_markdown,
+    render_timing,
+    to_json,
+)
+from harness.report.tables import (
+    BENCHMARKS,
+    TASK_BENCHMARK,
+    Benchmark,
+    Table,
+    build_tables,
+    cell_text,
+    comparison_rows,
+    fmt,
+    fmt_diff,
+)
+from harness.results.tables import ARROWS, DISPLAY_NAMES, ROW_ORDER
+
+__all__ = [
+    "ARROWS", "BENCHMARKS", "COMPARE_COLUMNS", "CSV_COLUMNS", "DISPLAY_NAMES", "LOG_METRICS",
+    "PUBLISHED_DIR", "PUBLISHED_MODELS", "ROW_ORDER", "TASK_BENCHMARK", "Benchmark", "Cell", "RunScores",
+    "Stat", "Table", "aggregate", "build_cells", "build_tables", "cell_text", "comparison_rows",
+    "difference", "fmt", "fmt_diff", "is_counterpart", "load_published", "load_runs", "main", "plot",
+    "published_model_names", "render_csv", "render_html", "render_markdown", "render_timing", "to_json",
+]  # fmt: skip
+
+
+def _compare_source(compare) -> Path | None | bool:
+    """args.compare: None/False = off; True or "" = the shipped CSVs; a path = those CSVs."""
+    if compare is None or compare is False:
+        return False
+    if compare is True or str(compare).strip() in {"", "published", "default"}:
+        return None
+    return Path(compare)
+
+
+def main(args) -> int:
+    fmt_name = getattr(args, "format", None) or "md"
+    if fmt_name not in {"md", "csv", "html", "json"}:
+        raise HarnessError(f"--format {fmt_name}: choose md, csv, html or json")
+    runs = load_runs(Path(args.results), getattr(args, "model", None))
+    source = _compare_source(getattr(args, "compare", None))
+    published = None if source is False else load_published(source)
+    tables = build_tables(build_cells(runs), published)
+    if fmt_name == "json":
+        text = json.dumps(to_json(tables, published), indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = {"md": render_markdown, "csv": render_csv, "html": render_html}[fmt_name](tables, published)
+    output = getattr(args, "output", None)
+    if output:
+        if fmt_name == "json":
+            write_json(Path(output), to_json(tables, published))
+        else:
+            write_text(Path(output), text)
+        print(f"report written to {output}")
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+    if getattr(args, "timing", False):
+        print(render_timing(tables))
+    plot_path = getattr(args, "plot", None)
+    if plot_path:
+        plot(tables, Path(plot_path), published)
+        print(f"plot written to {plot_path}")
+    return 0
