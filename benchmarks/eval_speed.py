@@ -64,7 +64,7 @@ def main() -> None:
         t = time.perf_counter()
         scores = evaluate_task(task, model, tok, TINY_TEMPLATE, reference=ref, batch_size=args.batch_size,
                                limit=args.limit, metrics=metrics, progress=False, registry=reg,
-                               print_table=False, share=share, sort=sort)
+                               share=share, sort=sort)
         return time.perf_counter() - t, scores
 
     t_naive, s_naive = run(share=False, sort=False)

@@ -254,11 +254,11 @@ def test_attention_mask_switch_reproduces_the_pad_eq_eos_quirk(env):
 def test_missing_reference_is_an_error_naming_the_task_and_the_fix(env):
     with pytest.raises(HarnessError, match=r"forget_quality.*tofu_forget01.*--reference"):
         evaluate_task(env["task"], env["model"], env["tok"], env["template"], limit=2,
-                      metrics=["forget_quality"], progress=False, registry=env["reg"], print_table=False)
+                      metrics=["forget_quality"], progress=False, registry=env["reg"])
 
 
 def test_reference_logs_missing_keys_and_summary_for_privleak(env, tmp_path):
-    kw = dict(limit=LIMIT, progress=False, registry=env["reg"], print_table=False)
+    kw = dict(limit=LIMIT, progress=False, registry=env["reg"])
     args = (env["task"], env["model"], env["tok"], env["template"])
     log = tmp_path / "TOFU_EVAL.json"
     log.write_text(json.dumps({"mia_min_k": {"agg_value": 0.6, "auc": 0.6}}))

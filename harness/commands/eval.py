@@ -12,11 +12,9 @@ from harness.models.profiles import check_reference_placeholder, device, finaliz
 from harness.options import EvalOptions, ModelOptions
 from harness.plugins import get_registry
 from harness.results.rundir import claim, is_complete, write_config
-from harness.scoring.evaluate import evaluate_task, render_table, template_dict
+from harness.results.tables import ARROWS, Sheet, console_value, display_name, to_plain
+from harness.scoring.evaluate import evaluate_task, score_rows, template_dict
 from harness.tasks import select
-
-# rows of the results tree that are not methods
-BASELINE_DISPLAY = {"finetuned": "Finetuned", "retain": "Retain"}
 
 
 def main(opts: EvalOptions) -> int:
@@ -61,7 +59,7 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
                 print(f"{task.name}: another process is scoring {out}; skipped")
                 continue
             write_config(out, config)
-            identity = {"method": opts.name, "method_display": BASELINE_DISPLAY.get(opts.name, opts.name), "seed": 0}
+            identity = {"method": opts.name, "method_display": display_name(opts.name), "seed": 0}
             score_model(task, model, tok, template, choice, opts, out_dir=out, dtype=dtype, identity=identity,
                        registry=reg)
             print(f"results: {out}")
@@ -71,15 +69,26 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
 def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *, out_dir: Path, dtype: str,
                identity: dict, registry=None, print_table: bool = True):
     """The one scoring path of ``harness eval`` and ``harness run``: same settings, reference and files."""
-    return evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
-                         batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
-                         registry=registry, data_dir=opts.data_dir, model_label=choice.label,
-                         max_length=opts.max_length, identity=identity, print_table=print_table,
-                         reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code})
+    scores = evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
+                           batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
+                           registry=registry, data_dir=opts.data_dir, model_label=choice.label,
+                           max_length=opts.max_length, identity=identity,
+                           reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code})
+    if print_table:
+        reg = registry or get_registry()
+        top = [n for n, _ in task.metrics]
+        print(metric_table(score_rows(scores, reg, top), title=f"{task.name} ({choice.label})"))
+    return scores
+
+
+def metric_table(rows: list[tuple[str, object, str]], *, title: str) -> str:
+    """(metric, value, better) rows with better-direction arrows, as the console shows one scored task."""
+    sheet = Sheet(["metric", "value", "better"], [[n, console_value(v), ARROWS.get(b, "")] for n, v, b in rows])
+    return title + "\n" + to_plain(sheet, align="<><", rule=True)
 
 
 def _print_existing(out: Path) -> None:
     doc = json.loads((out / "scores.json").read_text())
     rows = [(n, m["value"], m.get("better") or "") for n, m in doc["metrics"].items()]
     rows.sort(key=lambda r: not doc["metrics"][r[0]].get("top_level", False))
-    print(render_table(rows, title=f"{doc['task']} ({doc['model']})"))
+    print(metric_table(rows, title=f"{doc['task']} ({doc['model']})"))

@@ -8,15 +8,13 @@ import fnmatch
 from harness import HarnessError
 from harness.models.profiles import get_profiles
 from harness.plugins import build_registry, get_registry
+from harness.results.tables import Sheet, to_plain
 
 
 def _rows(title: str, rows: list[tuple], header: tuple) -> str:
     if not rows:
         return f"{title}: (none)\n"
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [f"{title}:", "  " + fmt.format(*header)] + ["  " + fmt.format(*map(str, r)) for r in rows]
-    return "\n".join(lines) + "\n"
+    return f"{title}:\n" + to_plain(Sheet(list(header), [list(r) for r in rows]), indent="  ") + "\n"
 
 
 def render(what: str, pattern: str, reg) -> str:

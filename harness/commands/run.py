@@ -19,6 +19,7 @@ from harness.models.profiles import ModelChoice, check_reference_placeholder, re
 from harness.options import RunOptions
 from harness.plugins import get_registry, one_line
 from harness.results.rundir import claim, is_complete, run_dir, write_config
+from harness.results.tables import Sheet, console_value, to_console
 from harness.tasks import Task, select
 from harness.training.distributed import is_main_process
 
@@ -210,14 +211,6 @@ def print_grid(cells: list[Cell]) -> None:
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
-def format_value(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4):
-        return f"{v:.3e}"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     cols: list[str] = []
     for *_, sc in rows:
@@ -227,14 +220,11 @@ def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     keep = [c for c in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
                         "privleak", "extraction_strength", "forget_knowmem_ROUGE", "forget_verbmem_ROUGE",
                         "retain_knowmem_ROUGE") if c in cols]
-    header = ["task", "method", "seed", *keep]
-    body = []
+    sheet = Sheet(["task", "method", "seed", *keep])
     for task, method, seed, sc in rows:
         m = sc.get("metrics", {})
-        body.append([task, method, str(seed)] + [format_value(m.get(c, {}).get("value")) for c in keep])
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+        sheet.rows.append([task, method, str(seed)] + [console_value(m.get(c, {}).get("value")) for c in keep])
+    return to_console(sheet)
 
 
 def main(opts: RunOptions) -> int:

@@ -9,7 +9,10 @@ import io
 import json
 from dataclasses import dataclass, field
 
-ARROWS = {"higher": "↑", "lower": "↓", "zero": "→0", "one": "→1"}
+from harness.metrics import ARROWS
+
+__all__ = ["ARROWS", "DISPLAY_NAMES", "ROW_ORDER", "Sheet", "console_value", "display_name", "row_key", "to_console",
+           "to_csv", "to_html", "to_json", "to_markdown", "to_plain", "to_records"]
 
 # Published row order; other methods follow alphabetically.
 ROW_ORDER = ("Finetuned", "Retain", "GradAscent", "GradDiff", "IdkDPO", "NPO", "SimNPO")
@@ -79,6 +82,33 @@ def to_console(sheet: Sheet) -> str:
     lines = [_pipe_row(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def to_plain(sheet: Sheet, *, align: str = "", rule: bool = False, indent: str = "") -> str:
+    """Space-aligned columns (``align``: one ``<`` or ``>`` per column, default left); ``rule`` underlines
+    the header. The last left-aligned column is not padded, so lines carry no trailing blanks."""
+    body = [sheet.flat_header(), *([str(c) for c in r] for r in sheet.rows)]
+    n = len(body[0])
+    align = align or "<" * n
+    widths = [max(len(r[i]) for r in body) for i in range(n)]
+    rows = body[:1] + ([["-" * w for w in widths]] if rule else []) + body[1:]
+
+    def line(r):
+        cells = [f"{c:{a}{w}}" for c, a, w in zip(r, align, widths)]
+        if align[-1] == "<":
+            cells[-1] = r[-1]
+        return indent + "  ".join(cells)
+
+    return "\n".join(line(r) for r in rows)
+
+
+def console_value(v) -> str:
+    """A number as the console tables print it: 4 significant digits, scientific when tiny or huge."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4 or v != v):
+        return f"{v:.3e}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _pipe_row(cells) -> str:

@@ -1,42 +1,19 @@
 """Scoring a model on a task: ``evaluate_task`` runs the task's metric suite through one
-``EvalContext`` and writes the result files; the console table of one scored task."""
+``EvalContext`` and writes the result files."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from harness import HarnessError, __version__
-from harness.metrics import ARROWS, Score
+from harness.metrics import Score
 from harness.options import EVAL_BATCH_SIZE
 from harness.scoring.context import EvalContext, missing_reference_error
 from harness.scoring.export import write_outputs
 from harness.scoring.reference import resolve_reference
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) or math.isnan(v):
-            return f"{v:.3e}"
-        return f"{v:.4f}"
-    return str(v)
-
-
-def render_table(rows: list[tuple[str, Any, str]], *, title: str | None = None) -> str:
-    """A plain-text results table: (metric, value, better) rows with better-direction arrows."""
-    body = [(name, _fmt(value), ARROWS.get(better, "")) for name, value, better in rows]
-    w = max([len("metric")] + [len(r[0]) for r in body])
-    vw = max([len("value")] + [len(r[1]) for r in body])
-    lines = [title] if title else []
-    lines.append(f"{'metric':<{w}}  {'value':>{vw}}  better")
-    lines.append(f"{'-' * w}  {'-' * vw}  ------")
-    lines += [f"{n:<{w}}  {v:>{vw}}  {a}" for n, v, a in body]
-    return "\n".join(lines)
 
 
 def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
@@ -48,7 +25,7 @@ def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple
 def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = EVAL_BATCH_SIZE,
                   limit: int | None = None, metrics=None, progress: bool = True,
                   attention_mask: str = "reference", registry=None, data_dir=None,
-                  model_label: str | None = None, print_table: bool = True, share: bool = True,
+                  model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
                   max_length: int | None = None, identity: dict | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
@@ -89,8 +66,6 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                     "seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
                       partial=bool(limit), settings=settings, identity=identity)
-    if print_table:
-        print(render_table(score_rows(ctx.scores, reg, top), title=f"{task.name} ({model_label or 'model'})"))
     return dict(ctx.scores)
 
 
