@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -65,8 +67,18 @@ def read_yaml(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The one JSONL reader: blank lines skipped, a bad line is an error naming the file and line."""
+    from harness import HarnessError
+
+    rows = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise HarnessError(f"{path}:{n}: invalid JSON line ({exc.msg})") from None
+    return rows
 
 
 def config_hash(obj: Any, n: int = 8) -> str:
@@ -85,3 +97,21 @@ def _default(o):
 
         return dataclasses.asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, wait: bool = True):
+    """The one inter-process lock (flock on ``path``); yields False instead of waiting when ``wait`` is
+    False and another process holds it. Released when the holder exits, even by SIGKILL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

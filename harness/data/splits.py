@@ -6,29 +6,17 @@ A split is returned as a list of row dicts in the original order (the row number
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
 from harness import HarnessError
 from harness.hub import hub_available, notice_once
+from harness.io import read_jsonl
 from harness.paths import bundled_dir
 from harness.tasks import DataSpec
 
 # hub dataset id -> folder under harness/bundled (TOFU: <name>.jsonl; MUSE: <name>/<split>.jsonl)
 BUNDLED = {"locuslab/TOFU": "tofu", "muse-bench/MUSE-News": "muse_news", "open-unlearning/idk": "tofu/idk.jsonl"}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise HarnessError(f"{path}:{n}: invalid JSON line ({exc.msg})") from None
-    return rows
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -62,7 +50,7 @@ def local_path(spec: DataSpec, data_dir: str | Path | None = None) -> Path | Non
 
 
 def _rows_from_file(path: Path, spec: DataSpec) -> list[dict]:
-    return _read_lines(path) if spec.path == "open-unlearning/idk" else _read_jsonl(path)
+    return _read_lines(path) if spec.path == "open-unlearning/idk" else read_jsonl(path)
 
 
 def _from_hub(spec: DataSpec) -> list[dict]:

@@ -7,7 +7,6 @@ presence marks a finished run. A per-run lock keeps two processes off the same c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import platform
 import subprocess
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.io import config_hash, write_yaml
+from harness.io import config_hash, file_lock, write_yaml
 
 
 def run_dir(output, model: str, task: str, method: str, config: dict, seed: int) -> Path:
@@ -53,19 +52,12 @@ def claim(d: Path):
     if world > 1 and rank != 0:
         yield True
         return
-    fh = open(d / ".lock", "w")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if world > 1 else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        # temp files of a process killed mid-write (SIGKILL) are garbage once we hold the lock
-        for stale in d.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        yield True
-    finally:
-        fh.close()
+    with file_lock(d / ".lock", wait=world > 1) as held:
+        if held:
+            # temp files of a process killed mid-write (SIGKILL) are garbage once we hold the lock
+            for stale in d.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        yield held
 
 
 def provenance() -> dict:

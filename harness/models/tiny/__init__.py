@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harness import HarnessError
-from harness.io import write_json
+from harness.io import file_lock, write_json
 from harness.models.tiny import muse, tofu
 from harness.models.tiny.build import (
     SIZES,
@@ -24,7 +24,6 @@ from harness.models.tiny.build import (
     build_tokenizer,
     complete,
     current_size,
-    lock,
     root,
     write_template,
 )
@@ -53,7 +52,7 @@ def tiny_model_dir(kind: str, *, size: str | None = None) -> Path:
     if complete(out, _version(kind)):
         write_template(out)
         return out
-    with lock(base / f".{kind}.lock"):
+    with file_lock(base / f".{kind}.lock"):
         if complete(out, _version(kind)):
             return out
         if out.exists():

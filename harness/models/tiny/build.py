@@ -12,8 +12,6 @@ only when a task needs it. ``HARNESS_TINY_SIZE=test`` selects the sub-1M-paramet
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -117,17 +115,6 @@ def root(size: str | None = None) -> Path:
     name = current_size(size)
     fp = config_hash({"v": BUILD_VERSION, **asdict(SIZES[name])})
     return harness_home() / "tiny" / f"{name}-{fp}"
-
-
-@contextlib.contextmanager
-def lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def complete(d: Path, recipe_version=None, *, check_version: bool = True) -> bool:
