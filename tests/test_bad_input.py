@@ -277,14 +277,13 @@ def test_yaml_only_through_safe_loaders_and_no_eval_exec():
 
 
 def test_trust_remote_code_is_off_unless_asked():
-    from harness.cli import build_parser
+    from harness.cli import parse_options
     from harness.models.load import load_model, load_tokenizer
 
     for fn in (load_model, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
-    ap = build_parser()
     for verb in (["eval", "-t", "x"], ["run", "-t", "x", "-m", "y"], ["finetune", "--model", "m", "-o", "o"]):
-        assert ap.parse_args(verb).trust_remote_code is False
-        assert ap.parse_args([*verb, "--trust-remote-code"]).trust_remote_code is True
+        assert parse_options(verb).trust_remote_code is False
+        assert parse_options([*verb, "--trust-remote-code"]).trust_remote_code is True
     for p, text in _sources():
         assert not re.search(r"trust_remote_code\s*=\s*True", text), p

@@ -91,16 +91,14 @@ def test_claim_is_exclusive_across_processes(tmp_path):
 
 
 def test_runner_skips_a_cell_another_process_holds(tmp_path, monkeypatch):
-    from harness.cli import build_parser
+    from harness.cli import parse_options
     from harness.plugins import get_registry
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "t7_resume.yaml").write_text(TASK)
-    from harness.cli import to_options
-
-    args = to_options(build_parser().parse_args(["run", "-t", "t7_resume", "-m", "grad_ascent", "--model", "tiny:full",
-                                      "--include-tasks", str(tasks), "-o", str(tmp_path / "res"), "--limit", "2"]))
+    args = parse_options(["run", "-t", "t7_resume", "-m", "grad_ascent", "--model", "tiny:full",
+                          "--include-tasks", tasks, "-o", tmp_path / "res", "--limit", "2"])
     (cell,) = runner.expand(args, get_registry(include_tasks=args.include_tasks))
     monkeypatch.setattr("harness.models.load.load_model", lambda *a, **k: pytest.fail("must not load a claimed cell"))
     with claim(cell.dir) as mine:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import build_parser
+from harness.cli import build_parser, to_options
+from harness.options import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU = ROOT / "scripts" / "tofu_unlearn.sh"
@@ -44,7 +45,7 @@ def parse(words: list[str]):
     if words[0] == "eval" and "--retain-model" in words and "--retain-model" not in EVAL_FLAGS:
         # Flag requested from the CLI owner (score the profile's retain model for the task's split).
         words = [w for w in words if w != "--retain-model"]
-    return PARSER.parse_args(words)
+    return to_options(PARSER.parse_args(words))
 
 
 def test_tofu_published_grid():
@@ -96,7 +97,7 @@ def test_tiny_grids(how):
     assert len(tofu) == 15 + 6
     assert {a.model for a in tofu} == {"tiny"}
     for a in tofu:
-        if a.verb == "run":  # the tiny profile's own training defaults and a single process
+        if isinstance(a, RunOptions):  # the tiny profile's own training defaults and a single process
             assert (a.lr, a.epochs, a.train_batch_size, a.accelerate, a.optimizer) == (None, None, None, None, None)
 
     muse = script(MUSE, "--dry-run", *args, env=env)
