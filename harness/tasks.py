@@ -78,11 +78,12 @@ def _str_list(where: str, value) -> tuple[str, ...]:
 
 @dataclass
 class ReportLayout:
-    """Where a task's results go in ``harness report``: tasks of one ``benchmark`` share a table whose
-    column groups are their ``split`` names (ordered by ``split_order``), each with ``columns``."""
+    """Where a task's results go in ``harness report``: tasks of one ``benchmark`` that name their ``split``
+    share a table whose column groups are those splits (ordered by ``split_order``), each with ``columns``.
+    A task without ``split`` (e.g. one of your own built on the TOFU base) keeps a table of its own."""
 
     title: str
-    split: str
+    split: str | None
     split_order: tuple[str, ...] = ()
     order: int = 100  # tables sort by (order, benchmark)
     columns: tuple[str, ...] = ()  # empty: every metric the runs reported
@@ -96,7 +97,7 @@ class ReportLayout:
                 "published_models": dict(self.published_models), "plot": self.plot}
 
     @classmethod
-    def from_dict(cls, doc, where: str, *, title: str, split: str) -> ReportLayout:
+    def from_dict(cls, doc, where: str, *, title: str) -> ReportLayout:
         """``where`` names the file for errors (a task YAML, or the scores.json that recorded it)."""
         _check_keys(where, doc, REPORT_KEYS)
         plot = doc.get("plot")
@@ -111,7 +112,8 @@ class ReportLayout:
         order = doc.get("order", 100)
         if not isinstance(order, int) or isinstance(order, bool):
             raise HarnessError(f"{where} order: expected an integer, got {order!r}")
-        return cls(title=str(doc.get("title") or title), split=str(doc.get("split") or split),
+        split = doc.get("split")
+        return cls(title=str(doc.get("title") or title), split=str(split) if split is not None else None,
                    split_order=_str_list(f"{where} split_order", doc.get("split_order") or []), order=order,
                    columns=_str_list(f"{where} columns", doc.get("columns") or []),
                    published=_str_list(f"{where} published", doc.get("published") or []),
@@ -155,7 +157,7 @@ class Task:
 
     def __post_init__(self):
         if not self.benchmark:
-            self.benchmark = (self.tag[0] if self.tag else self.name).upper()
+            self.benchmark = _default_benchmark(self.name, self.tag)
 
     def data_spec(self, role: str) -> DataSpec:
         if role not in self.data:
@@ -168,14 +170,22 @@ class Task:
 
     def to_config(self) -> dict:
         """What the run hash sees. The report layout is left out (it changes no number); a tiny fallback
-        that is used shows in the run's ``data_sources``."""
-        return {"task": self.name, "version": self.version, "tag": self.tag, "model": self.model,
-                "reference": self.reference, "prompt": self.prompt,
-                "data": {k: v.to_dict() for k, v in self.data.items()},
-                "training": self.training,
-                "metrics": [[n, a] for n, a in self.metrics],
-                "benchmark": self.benchmark,
-                "training_data": {"format": self.train_format, "idk": {"role": self.idk[0], "field": self.idk[1]}}}
+        that is used shows in the run's ``data_sources``. ``benchmark`` and ``training_data`` appear only
+        where they differ from their defaults, so tasks that keep the defaults keep their hashes."""
+        out = {"task": self.name, "version": self.version, "tag": self.tag, "model": self.model,
+               "reference": self.reference, "prompt": self.prompt,
+               "data": {k: v.to_dict() for k, v in self.data.items()},
+               "training": self.training,
+               "metrics": [[n, a] for n, a in self.metrics]}
+        if self.benchmark != _default_benchmark(self.name, self.tag):
+            out["benchmark"] = self.benchmark
+        if (self.train_format, self.idk) != ("qa", ("idk", "text")):
+            out["training_data"] = {"format": self.train_format, "idk": {"role": self.idk[0], "field": self.idk[1]}}
+        return out
+
+
+def _default_benchmark(name: str, tags: list[str]) -> str:
+    return (tags[0] if tags else name).upper()
 
 
 def suggest(name: str, choices) -> str:
@@ -267,10 +277,10 @@ def parse_task(path: Path) -> Task:
     benchmark = doc.get("benchmark") or ""
     if benchmark and not re.fullmatch(r"[A-Za-z0-9_.-]+", str(benchmark)):
         raise HarnessError(f"{path}: benchmark {benchmark!r}: use letters, digits, '_', '-', '.' (it names files)")
-    bench = str(benchmark) or (tags[0] if tags else name).upper()
+    bench = str(benchmark) or _default_benchmark(name, tags)
     report = None
     if doc.get("report") is not None:
-        report = ReportLayout.from_dict(doc["report"], f"{path}: report", title=bench, split=name)
+        report = ReportLayout.from_dict(doc["report"], f"{path}: report", title=bench)
     finetune = None
     if doc.get("finetune") is not None:
         ft = doc["finetune"]

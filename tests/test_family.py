@@ -182,3 +182,23 @@ def test_finetune_recipe_comes_from_the_task_yaml(tmp_path):
         recipe_task(opts)
     assert recipe_task(dataclasses.replace(opts, task="ft_own")).finetune.path == "muse-bench/MUSE-News"
     assert recipe_task(dataclasses.replace(opts, task="tofu_forget01")).name == "tofu_forget01"
+
+
+def test_own_task_on_the_tofu_base_keeps_a_table_of_its_own(tmp_path):
+    """It inherits TOFU's layout but names no split: it must not become an empty TOFU column group."""
+    from conftest import cheap_task_yaml
+
+    from harness import report
+    from harness.tasks import parse_task
+
+    f = tmp_path / "t_cheap.yaml"
+    f.write_text(cheap_task_yaml("t_cheap", "cheap"))
+    task = parse_task(f)
+    assert task.benchmark == "TOFU" and task.report.split is None
+    run = tmp_path / "res" / "tiny_full" / "t_cheap" / "npo" / "abcd1234-s0"
+    run.mkdir(parents=True)
+    (run / "scores.json").write_text(json.dumps({
+        "task": "t_cheap", "method": "npo", "model": "tiny_full", "benchmark": task.benchmark,
+        "report": task.report.to_dict(), "metrics": {"forget_Q_A_Prob": {"value": 0.5, "better": "higher"}}}))
+    tables = report.build_tables(report.build_cells(report.load_runs(tmp_path / "res")))
+    assert [(t.title, t.metrics, t.splits) for t in tables] == [("t_cheap", ["forget_Q_A_Prob"], [("t_cheap", "t_cheap")])]

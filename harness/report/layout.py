@@ -19,11 +19,12 @@ class Family:
 
 
 def recorded(data: dict, where: str, task: str) -> Family | None:
-    """The family a scores.json names (``benchmark`` + ``report``), else the built-in task's, else None."""
+    """The family a scores.json names (``benchmark`` + ``report``), else the built-in task's, else None
+    (a layout without ``split`` also gives None: the task keeps a table of its own)."""
     if isinstance(data.get("report"), dict):
         bench = str(data.get("benchmark") or task)
-        return Family(bench.lower(), ReportLayout.from_dict(data["report"], f"{where}: report", title=bench,
-                                                             split=task))
+        layout = ReportLayout.from_dict(data["report"], f"{where}: report", title=bench)
+        return Family(bench.lower(), layout) if layout.split is not None else None
     return builtin_families().get(task)
 
 
@@ -41,7 +42,7 @@ def builtin_families() -> dict[str, Family]:
                 task = parse_task(f)
             except HarnessError:  # `harness validate` reports broken task files; the report carries on
                 continue
-            if task.report is not None:
+            if task.report is not None and task.report.split is not None:
                 out[task.name] = Family(task.benchmark.lower(), task.report)
     return out
 
