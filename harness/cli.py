@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="finetune a base model on a TOFU split (builds target / retain models)")
     p.add_argument("--model", required=True, help="base model: hub id, directory or profile")
     p.add_argument("--split", help="TOFU split to train on: full, retain99, retain95, retain90")
+    p.add_argument("--task", help="task whose finetune: recipe applies (default: the one offering --split)")
     p.add_argument("-o", "--output", required=True, help="directory for the finetuned checkpoint")
     p.add_argument("--template")
     p.add_argument("--epochs", type=float)

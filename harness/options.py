@@ -71,6 +71,7 @@ class RunOptions(Common, ModelOptions):
 class FinetuneOptions(Common):
     model: str = ""
     split: str = "full"
+    task: str | None = None  # whose finetune: recipe; default: the one recipe offering --split
     output: str = ""
     template: str | None = None
     epochs: float = 5

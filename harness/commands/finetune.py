@@ -1,4 +1,5 @@
-"""``harness finetune``: build a TOFU target (``--split full``) or retain (``--split retainNN``) model."""
+"""``harness finetune``: build a target (TOFU ``--split full``) or retain (``--split retainNN``) model with the
+recipe a task family declares (task YAML ``finetune:``; ``--task`` picks the family when several offer the split)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from harness.io import write_yaml
 from harness.models.load import load_model, load_tokenizer
 from harness.models.profiles import resolve_base_model
 from harness.options import FinetuneOptions
-from harness.tasks import DataSpec
+from harness.plugins import get_registry
+from harness.tasks import Task, select, suggest
 from harness.training import TrainConfig, config_dict, distributed, finetune
-
-TOFU_SPLITS = ("full", "retain99", "retain95", "retain90", "forget01", "forget05", "forget10")
 
 
 def _whole(name: str, value) -> int:
@@ -37,6 +37,29 @@ def finetune_config(opts: FinetuneOptions) -> TrainConfig:
     return cfg
 
 
+def recipe_task(opts: FinetuneOptions) -> Task:
+    """The task whose ``finetune:`` recipe offers ``--split`` (tasks sharing one recipe count once)."""
+    reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+    names = (select(opts.task, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
+             if opts.task else list(reg.tasks))
+    tasks = [reg.tasks[n] for n in names if reg.tasks[n].finetune is not None]
+    if not tasks:
+        raise HarnessError(f"--task {opts.task}: no finetune: recipe in that task's YAML" if opts.task
+                           else "no task declares a finetune: recipe")
+    split = opts.split or "full"
+    offering: dict = {}
+    for t in tasks:
+        if split in t.finetune.splits:
+            offering.setdefault((t.finetune, t.field_name("question"), t.field_name("answer")), t)
+    if not offering:
+        known = sorted({s for t in tasks for s in t.finetune.splits})
+        raise HarnessError(f"--split {split!r}: use one of {', '.join(known)}{suggest(split, known)}")
+    if len(offering) > 1:
+        raise HarnessError(f"--split {split!r} is offered by several finetune recipes (tasks "
+                           f"{', '.join(t.name for t in offering.values())}): pick one with --task")
+    return next(iter(offering.values()))
+
+
 def main(opts: FinetuneOptions) -> int:
     """Writes a Hugging Face checkpoint, ``train_log.jsonl`` and ``finetune.yaml`` (the resolved config)
     to ``--output``."""
@@ -45,8 +68,7 @@ def main(opts: FinetuneOptions) -> int:
         if rc != -1:
             return rc
     split = opts.split or "full"
-    if split not in TOFU_SPLITS:
-        raise HarnessError(f"--split {split!r}: use one of {', '.join(TOFU_SPLITS)}")
+    task = recipe_task(opts)
     cfg = finetune_config(opts)
     choice = resolve_base_model(opts.model, opts.template)
     tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
@@ -55,14 +77,19 @@ def main(opts: FinetuneOptions) -> int:
         if not getattr(tok, "chat_template", None):
             raise HarnessError(f"model '{opts.model}' has no chat template: pass --template FILE")
         template = Template(apply_chat_template=True)
-    rows = load_split(DataSpec(path="locuslab/TOFU", name=split, split="train"), opts.data_dir)
-    items = [encode_qa(tok, template, r["question"], r["answer"], max_length=cfg.max_length) for r in rows]
+    spec = task.finetune.spec(split)
+    q, a = task.field_name("question"), task.field_name("answer")
+    rows = load_split(spec, opts.data_dir)
+    if rows and (q not in rows[0] or a not in rows[0]):
+        raise HarnessError(f"{task.file}: finetune data {spec.label()} has no field '{q if q not in rows[0] else a}' "
+                           f"(fields: {', '.join(rows[0])}); fix prompt.question/prompt.answer")
+    items = [encode_qa(tok, template, r[q], r[a], max_length=cfg.max_length) for r in rows]
     model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
     out = Path(opts.output)
     result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
     if distributed.is_main_process():
-        write_yaml(out / "finetune.yaml", {"model": opts.model, "split": split, "rows": len(items),
+        write_yaml(out / "finetune.yaml", {"model": opts.model, "split": split, "data": spec.label(), "rows": len(items),
                                            "template": template.to_dict(), "dtype": choice.dtype,
                                            "training": config_dict(cfg), "plan": result.info})
-        print(f"finetuned {opts.model} on TOFU {split} ({len(items)} rows) -> {out}")
+        print(f"finetuned {opts.model} on {task.benchmark} {split} ({len(items)} rows) -> {out}")
     return 0

@@ -107,11 +107,15 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
         raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
+    from harness.data.corpus import is_tiny_model, resolve_task_data
+
     cells = []
     for tname in tasks:
         task = reg.tasks[tname]
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference)
-        task = choice.apply(task)
+        # Everything that chooses data (profile substitutions, tiny fallback, hub vs bundled vs --data-dir)
+        # is decided here, before the hash: training and scoring then read exactly these sources.
+        task, sources = resolve_task_data(choice.apply(task), opts.data_dir, tiny=is_tiny_model(choice.start))
         for mname in methods:
             cls = reg.methods[mname]
             plugin = reg.sources.get(("methods", mname), "?")
@@ -128,7 +132,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
                           "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
                                    "max_length": opts.max_length},
-                          "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir}
+                          "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
+                          "data_sources": sources}
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
                 cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
     return cells
@@ -208,6 +213,10 @@ def print_grid(cells: list[Cell]) -> None:
                     "method": c.config["method"]["params"], "training": c.config["training"]}
         if c.choice.data:
             resolved["data"] = {role: spec.label() for role, spec in c.choice.data.items()}
+        fallbacks = {role: f"{r['path']}/{r['name']}:{r['split']} instead of {r['instead_of']}"
+                     for role, r in c.config["data_sources"].items() if "instead_of" in r}
+        if fallbacks:
+            resolved["fallback"] = fallbacks
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
@@ -242,20 +251,15 @@ def main(opts: RunOptions) -> int:
         rc = distributed.relaunch(sys.argv[1:], opts.accelerate)
         if rc != -1:
             return rc
-    from harness.data import corpus as muse
+    from harness.data import corpus
     from harness.data.items import check_data
-    from harness.data.splits import missing_splits
 
-    for task, start in {c.task.name: (c.task, c.choice.start) for c in cells}.values():
-        if muse.is_muse(task):
-            err = muse.missing_data_error(task, opts.data_dir, tiny=muse.is_tiny_model(start))
-            if err:
-                raise err
-        else:
-            missing = missing_splits(task.data, opts.data_dir)
-            if missing:
-                raise HarnessError(f"task '{task.name}': data not available offline: {', '.join(missing)}; supply "
-                                   "them with --data-dir DIR holding <name>/<split>.jsonl, or run with hub access")
+    for task, start, sources in {c.task.name: (c.task, c.choice.start, c.config["data_sources"])
+                                 for c in cells}.values():
+        err = corpus.missing_data_error(task, opts.data_dir)  # the task's specs are already resolved
+        if err:
+            raise err
+        corpus.announce_fallbacks(task, sources)
         check_data(task, opts.data_dir, opts.limit, start)
     for note in dict.fromkeys(c.choice.note for c in cells if c.choice.note):
         log.warning(note)

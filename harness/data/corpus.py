@@ -1,26 +1,23 @@
-"""MUSE data for unlearning runs: the raw corpora, and the fallback of the embedded tiny profile.
+"""The data a run reads, decided once: each role's split with the task's tiny fallback applied, and
+where it comes from (hub, bundled copy, --data-dir file).
 
-MUSE unlearns on the raw forget corpus with the raw ``retain1`` corpus as retain set (spec 2.8).
-The bundled MUSE-News copy holds raw/forget but not raw/retain1 (too large to ship), so with the
-embedded ``tiny`` models, and only then, a run whose retain corpus is not available uses the bundled
-privleak *retain* texts instead and says so. Those texts are what the tiny models were built from,
-so the run stays meaningful; for the published models a missing split is an error that names it
-and how to supply it.
+A task may name, per data role, a ``tiny_fallback`` split (task YAML ``data.<role>.tiny_fallback``):
+with the embedded ``tiny`` models, and only then, a role whose declared split is not available reads
+the fallback instead and says so. MUSE-News uses it for raw/retain1, which is too large to ship: the
+tiny models were built from the bundled privleak retain texts, so a run on them stays meaningful.
+For the published models a missing split is an error that names it and how to supply it.
+
+``harness run`` resolves all of it in ``expand()`` (``resolve_task_data``), before the run hash, so
+an online and an offline run of one cell never share a run directory while reading different data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from harness import HarnessError
-from harness.tasks import DataSpec, Task
-
-# hub dataset -> retain-side texts the tiny models are built from (bundled)
-TINY_RETAIN_FALLBACK = {"muse-bench/MUSE-News": DataSpec("muse-bench/MUSE-News", "privleak", "retain")}
-
-
-def is_muse(task: Task) -> bool:
-    return task.benchmark == "MUSE"
+from harness.tasks import DataSpec, ResolvedSpec, Task
 
 
 def is_tiny_model(path: str | Path | None) -> bool:
@@ -41,15 +38,14 @@ def is_tiny_model(path: str | Path | None) -> bool:
 
 def fallback_spec(task: Task, role: str, data_dir=None, *, tiny: bool) -> DataSpec | None:
     """The split that replaces ``role`` in a run, or None when the declared split is used."""
-    from harness.data.splits import local_path, missing_splits
+    from harness.data.splits import missing_splits, resolve_source
 
-    if not (tiny and is_muse(task) and role == "retain"):
+    fb = task.fallbacks.get(role)
+    if not tiny or fb is None or role not in task.data:
         return None
-    spec = task.data_spec(role)
-    if not missing_splits({role: spec}, data_dir):
+    if not missing_splits({role: task.data[role]}, data_dir):
         return None
-    fb = TINY_RETAIN_FALLBACK.get(spec.path)
-    if fb is None or local_path(fb, data_dir) is None:
+    if resolve_source(fb, data_dir) is None:
         return None
     return fb
 
@@ -59,33 +55,57 @@ def run_data_specs(task: Task, data_dir=None, *, tiny: bool) -> dict[str, DataSp
     return {role: fallback_spec(task, role, data_dir, tiny=tiny) or spec for role, spec in task.data.items()}
 
 
-def corpus_rows(task: Task, role: str, data_dir=None, *, tiny: bool) -> list[dict]:
-    """Rows of the raw corpus ``role`` (forget / retain) for unlearning, with the tiny fallback."""
-    from harness.data.splits import load_split
+def resolve_task_data(task: Task, data_dir=None, *, tiny: bool) -> tuple[Task, dict]:
+    """The task with every data role pinned to its source, and the record of that decision for the run's
+    config (role -> {path, name, split, source[, instead_of]}; source None: not available)."""
+    from harness.data.splits import resolved
+
+    data, record = {}, {}
+    for role, spec in task.data.items():
+        fb = fallback_spec(task, role, data_dir, tiny=tiny)
+        use = resolved(fb or spec, data_dir)
+        data[role] = use
+        record[role] = {**use.to_dict(), "source": use.source if isinstance(use, ResolvedSpec) else None}
+        if fb is not None:
+            record[role]["instead_of"] = spec.label()
+    return dataclasses.replace(task, data=data, fallbacks={}), record
+
+
+def announce_fallbacks(task: Task, record: dict) -> None:
     from harness.hub import notice_once
+
+    for role, r in record.items():
+        if "instead_of" in r:
+            notice_once(f"tiny-fallback:{task.name}:{role}",
+                        f"task '{task.name}': {r['instead_of']} is not available; the embedded tiny model uses the "
+                        f"{DataSpec(r['path'], r['name'], r['split']).label()} texts as its {role} corpus (data role "
+                        f"'{role}'; those it was built from). For the published setup supply {r['instead_of']} with "
+                        "--data-dir DIR or the hub.")
+
+
+def corpus_rows(task: Task, role: str, data_dir=None, *, tiny: bool) -> list[dict]:
+    """Rows of data role ``role`` for unlearning, with the tiny fallback (a pinned spec is read as is)."""
+    from harness.data.splits import load_split
 
     fb = fallback_spec(task, role, data_dir, tiny=tiny)
     if fb is not None:
-        notice_once(f"muse-tiny-retain:{task.name}",
-                    f"task '{task.name}': {task.data_spec(role).label()} is not bundled; the embedded tiny model "
-                    f"uses the bundled {fb.label()} texts as its retain corpus (those it was built from). "
-                    "For the published setup supply raw/retain1 with --data-dir DIR (raw/retain1.jsonl) or the hub.")
+        announce_fallbacks(task, {role: {**fb.to_dict(), "instead_of": task.data_spec(role).label()}})
         return load_split(fb, data_dir)
     return load_split(task.data_spec(role), data_dir)
 
 
 def missing_data_error(task: Task, data_dir=None, *, tiny: bool = False) -> HarnessError | None:
-    """The fail-fast error for splits that cannot be found offline (None when everything is there)."""
+    """The fail-fast error for splits that cannot be found (None when everything is there)."""
     from harness.data.splits import missing_splits
 
     missing = missing_splits(run_data_specs(task, data_dir, tiny=tiny), data_dir)
     if not missing:
         return None
-    where = f" (looked in --data-dir {data_dir} and the bundled data)" if data_dir else " (only MUSE-News pieces are bundled)"
+    where = f" (looked in --data-dir {data_dir} and the bundled data)" if data_dir else " (not bundled)"
     return HarnessError(
         f"task '{task.name}': data not available offline: {', '.join(missing)}{where}; supply them with "
-        "--data-dir DIR holding <subset>/<split>.jsonl (e.g. raw/forget.jsonl, knowmem/forget_qa.jsonl) "
-        "or run with hub access")
+        "--data-dir DIR holding <subset>/<split>.jsonl (the config name and split of each, e.g. "
+        "raw/forget.jsonl, or forget01.jsonl for a split 'train') or run with hub access")
 
 
 def text_key(task: Task, rows: list[dict], role: str) -> str:

@@ -7,24 +7,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from harness import HarnessError
-from harness.data import corpus as muse
+from harness.data import corpus
 from harness.data.encode import chunk_corpus, encode_qa
 from harness.data.splits import load_split
 from harness.tasks import Task
 
 
 def training_items(task: Task, tok, template, role: str, data_dir, limit, max_length):
-    if task.benchmark == "MUSE":
-        # raw corpora as pretraining chunks; the embedded tiny models may fall back to bundled retain texts
-        rows = muse.corpus_rows(task, role, data_dir, tiny=muse.is_tiny_model(getattr(tok, "name_or_path", None)))
-    else:
-        rows = load_split(task.data_spec(role), data_dir)
+    """``training.format: corpus``: the role's ``prompt.text`` texts as pretraining chunks of ``max_length``
+    tokens; ``qa``: one item per row from ``prompt.question`` / ``prompt.answer``."""
+    # a task resolved by `harness run` reads its pinned specs; otherwise a tiny model may use the task's fallback
+    rows = corpus.corpus_rows(task, role, data_dir, tiny=corpus.is_tiny_model(getattr(tok, "name_or_path", None)))
     if limit:
         rows = rows[:limit]
     if not rows:
         raise HarnessError(f"task '{task.name}': data role '{role}' ({task.data[role].label()}) is empty")
-    if task.benchmark == "MUSE":
-        key = muse.text_key(task, rows, role)
+    if task.train_format == "corpus":
+        key = corpus.text_key(task, rows, role)
         return chunk_corpus(tok, [r[key] for r in rows if r[key]], max_length), rows
     q, a = task.field_name("question"), task.field_name("answer")
     for r in rows[:1]:
@@ -38,7 +37,12 @@ def training_items(task: Task, tok, template, role: str, data_dir, limit, max_le
 def idk_items(task: Task, tok, template, forget_rows, data_dir, max_length):
     """``items[i][j]``: forget question i with idk answer j, encoded when first drawn (each example draws one
     alternative per epoch, so encoding all 100 answers for every row up front wastes nearly all of it)."""
-    idk = [r["text"] for r in load_split(task.data_spec("idk"), data_dir)]
+    role, key = task.idk
+    rows = load_split(task.data_spec(role), data_dir)
+    if rows and key not in rows[0]:
+        raise HarnessError(f"task '{task.name}' ({task.file}): data role '{role}' has no field '{key}' "
+                           f"(fields: {', '.join(rows[0])}); fix training.idk")
+    idk = [r[key] for r in rows]
     q = task.field_name("question")
 
     @functools.cache
@@ -65,17 +69,14 @@ class _Alternatives(Sequence):
 
 def check_data(task: Task, data_dir, limit, start: str | None = None) -> None:
     """Fail before any model is loaded when the training data cannot work: an empty forget/retain split or
-    rows without the fields the task's ``prompt`` names (``start``: the checkpoint, for MUSE's tiny fallback)."""
-    muse_task = task.benchmark == "MUSE"
-    keys = [task.field_name("text")] if muse_task else [task.field_name("question"), task.field_name("answer")]
+    rows without the fields the task's ``prompt`` names (``start``: the checkpoint, for a tiny fallback)."""
+    corpus_task = task.train_format == "corpus"
+    keys = [task.field_name("text")] if corpus_task else [task.field_name("question"), task.field_name("answer")]
     for role in ("forget", "retain"):
         if role not in task.data:
             raise HarnessError(f"task '{task.name}' ({task.file}): no data role '{role}'; unlearning needs "
                                "data.forget and data.retain")
-        if muse_task:
-            rows = muse.corpus_rows(task, role, data_dir, tiny=muse.is_tiny_model(start))
-        else:
-            rows = load_split(task.data[role], data_dir)
+        rows = corpus.corpus_rows(task, role, data_dir, tiny=corpus.is_tiny_model(start))
         if limit:
             rows = rows[:limit]
         if not rows:

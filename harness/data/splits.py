@@ -1,7 +1,9 @@
-"""Dataset splits: the hub first, the bundled copy when offline, ``--data-dir`` when given.
+"""Dataset splits: ``--data-dir`` when it holds the split, else the hub, else the bundled copy.
 
 A split is returned as a list of row dicts in the original order (the row number is the
-``index`` that metrics and the open-unlearning export use).
+``index`` that metrics and the open-unlearning export use). ``harness run`` decides the source of
+every split once, before the run hash (``resolve_source``); a ``ResolvedSpec`` is then read from
+exactly that source, never from another one behind the run's back.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from harness import HarnessError
-from harness.hub import hub_available, notice_once
+from harness import HarnessError, hub
+from harness.hub import notice_once
 from harness.io import read_jsonl
 from harness.paths import bundled_dir
-from harness.tasks import DataSpec
+from harness.tasks import DataSpec, ResolvedSpec
 
 # hub dataset id -> folder under harness/bundled (TOFU: <name>.jsonl; MUSE: <name>/<split>.jsonl)
 BUNDLED = {"locuslab/TOFU": "tofu", "muse-bench/MUSE-News": "muse_news", "open-unlearning/idk": "tofu/idk.jsonl"}
@@ -32,11 +34,19 @@ def _candidates(root: Path, spec: DataSpec) -> list[Path]:
     return [root / f"{split}.jsonl"]
 
 
-def local_path(spec: DataSpec, data_dir: str | Path | None = None) -> Path | None:
+def _data_dir_path(spec: DataSpec, data_dir) -> Path | None:
     if data_dir:
         for c in _candidates(Path(data_dir), spec):
             if c.is_file():
                 return c
+    return None
+
+
+def local_path(spec: DataSpec, data_dir: str | Path | None = None) -> Path | None:
+    return _data_dir_path(spec, data_dir) or _bundled_path(spec)
+
+
+def _bundled_path(spec: DataSpec) -> Path | None:
     sub = BUNDLED.get(spec.path)
     if sub is None:
         return None
@@ -63,13 +73,54 @@ def _from_hub(spec: DataSpec) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def resolve_source(spec: DataSpec, data_dir: str | Path | None = None) -> str | None:
+    """Where a run reads ``spec``: ``data_dir:<file>`` (relative to --data-dir), ``hub``, or
+    ``bundled:<file>`` (relative to harness/bundled); None when it is nowhere to be had."""
+    local = _data_dir_path(spec, data_dir)
+    if local is not None and not str(local).startswith(str(bundled_dir())):
+        return f"data_dir:{local.relative_to(Path(data_dir)).as_posix()}"
+    if hub.hub_available():
+        return "hub"
+    bundled = _bundled_path(spec)
+    return f"bundled:{bundled.relative_to(bundled_dir()).as_posix()}" if bundled is not None else None
+
+
+def resolved(spec: DataSpec, data_dir=None) -> DataSpec:
+    """``spec`` pinned to its source (unchanged when it has none: the run's data check reports it)."""
+    if isinstance(spec, ResolvedSpec):
+        return spec
+    source = resolve_source(spec, data_dir)
+    return ResolvedSpec(spec.path, spec.name, spec.split, source=source) if source else spec
+
+
+def _load_resolved(spec: ResolvedSpec, data_dir: str | None) -> tuple[dict, ...]:
+    kind, _, rel = spec.source.partition(":")
+    if kind == "hub":
+        try:
+            return tuple(_from_hub(spec))
+        except Exception as exc:
+            raise HarnessError(
+                f"dataset split {spec.label()}: this run was set up to read it from the hub, which failed "
+                f"({type(exc).__name__}); rerun when the hub is back, or offline (HF_HUB_OFFLINE=1) to use "
+                "the bundled/--data-dir copy in a run directory of its own") from None
+    if kind not in ("bundled", "data_dir") or (kind == "data_dir" and not data_dir):
+        raise HarnessError(f"dataset split {spec.label()}: source {spec.source!r} cannot be read here "
+                           "(expected hub, bundled:<file> or data_dir:<file> with --data-dir)")
+    path = (bundled_dir() if kind == "bundled" else Path(data_dir)) / rel
+    if not path.is_file():
+        raise HarnessError(f"dataset split {spec.label()}: {path} (source {spec.source}) is gone")
+    return tuple(_rows_from_file(path, spec))
+
+
 @lru_cache(maxsize=64)
 def _load(spec: DataSpec, data_dir: str | None) -> tuple[dict, ...]:
+    if isinstance(spec, ResolvedSpec):
+        return _load_resolved(spec, data_dir)
     if data_dir:
         p = local_path(spec, data_dir)
         if p is not None and not str(p).startswith(str(bundled_dir())):
             return tuple(_rows_from_file(p, spec))
-    if hub_available():
+    if hub.hub_available():
         try:
             return tuple(_from_hub(spec))
         except Exception as exc:  # fall back to the bundled copy, but say why
@@ -90,7 +141,6 @@ def load_split(spec: DataSpec, data_dir: str | Path | None = None) -> list[dict]
 
 
 def missing_splits(specs: dict[str, DataSpec], data_dir=None) -> list[str]:
-    """Roles whose data cannot be found offline (used to fail fast before any work)."""
-    if hub_available():
-        return []
-    return [f"{role} ({spec.label()})" for role, spec in specs.items() if local_path(spec, data_dir) is None]
+    """Roles whose data cannot be found (used to fail fast before any work); a resolved spec is found."""
+    return [f"{role} ({spec.label()})" for role, spec in specs.items()
+            if not isinstance(spec, ResolvedSpec) and resolve_source(spec, data_dir) is None]

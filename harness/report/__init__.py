@@ -15,12 +15,12 @@ from pathlib import Path
 
 from harness import HarnessError
 from harness.io import write_json, write_text
+from harness.report.layout import Family, builtin_families
 from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, load_runs
 from harness.report.plot import plot
 from harness.report.published import (
     LOG_METRICS,
     PUBLISHED_DIR,
-    PUBLISHED_MODELS,
     difference,
     is_counterpart,
     load_published,
@@ -36,9 +36,6 @@ from harness.report.render import (
     to_json,
 )
 from harness.report.tables import (
-    BENCHMARKS,
-    TASK_BENCHMARK,
-    Benchmark,
     Table,
     build_tables,
     cell_text,
@@ -49,9 +46,10 @@ from harness.report.tables import (
 from harness.results.tables import ARROWS, DISPLAY_NAMES, ROW_ORDER
 
 __all__ = [
-    "ARROWS", "BENCHMARKS", "COMPARE_COLUMNS", "CSV_COLUMNS", "DISPLAY_NAMES", "LOG_METRICS",
-    "PUBLISHED_DIR", "PUBLISHED_MODELS", "ROW_ORDER", "TASK_BENCHMARK", "Benchmark", "Cell", "RunScores",
-    "Stat", "Table", "aggregate", "build_cells", "build_tables", "cell_text", "comparison_rows",
+    "ARROWS", "COMPARE_COLUMNS", "CSV_COLUMNS", "DISPLAY_NAMES", "LOG_METRICS",
+    "PUBLISHED_DIR", "ROW_ORDER", "Cell", "Family", "RunScores",
+    "Stat", "Table", "aggregate", "build_cells", "build_tables", "builtin_families",
+    "cell_text", "comparison_rows",
     "difference", "fmt", "fmt_diff", "is_counterpart", "load_published", "load_runs", "main", "plot",
     "published_model_names", "render_csv", "render_html", "render_markdown", "render_timing", "to_json",
 ]  # fmt: skip
@@ -72,8 +70,13 @@ def main(args) -> int:
         raise HarnessError(f"--format {fmt_name}: choose md, csv, html or json")
     runs = load_runs(Path(args.results), getattr(args, "model", None))
     source = _compare_source(getattr(args, "compare", None))
-    published = None if source is False else load_published(source)
-    tables = build_tables(build_cells(runs), published)
+    cells = build_cells(runs)
+    published = None
+    if source is not False:
+        # the shipped tables: only those the families in this tree name (report.published)
+        names = None if source else [n for c in cells if c.family for n in c.family.layout.published]
+        published = load_published(source, names)
+    tables = build_tables(cells, published)
     if fmt_name == "json":
         text = json.dumps(to_json(tables, published), indent=2, ensure_ascii=False) + "\n"
     else:

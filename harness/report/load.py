@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import HarnessError
+from harness.report.layout import Family, recorded
 from harness.results.tables import display_name
 
 
@@ -30,6 +31,7 @@ class RunScores:
     better: dict[str, str]
     mtime: float
     seconds: dict[str, float] = field(default_factory=dict)  # "train" / "eval" wall time, where recorded
+    family: Family | None = None  # the table it belongs to; None: a table of its own
 
 
 _RUN_DIR = re.compile(r"^(?P<hash>[0-9A-Za-z]+)-s(?P<seed>-?\d+)$")
@@ -81,6 +83,7 @@ def _read_scores(path: Path) -> RunScores:
         better=better,
         mtime=path.stat().st_mtime,
         seconds=_seconds(data),
+        family=recorded(data, str(path), str(data["task"])),
     )
 
 
@@ -137,6 +140,7 @@ class Cell:
     better: dict[str, str]
     other_configs: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # mean over the seeds that recorded it
+    family: Family | None = None
 
 
 def aggregate(values: list[float | None]) -> Stat:
@@ -185,6 +189,7 @@ def build_cells(runs: list[RunScores]) -> list[Cell]:
                 other_configs=[c for c, _ in ranked[1:]],
                 seconds={k: aggregate([r.seconds.get(k) for r in chosen]).mean for k in ("train", "eval")
                          if any(k in r.seconds for r in chosen)},
+                family=chosen[0].family,
             )
         )
     return cells

@@ -1,5 +1,5 @@
-"""The report's figure: forget quality against model utility (TOFU), forgetting against retained
-knowledge (MUSE)."""
+"""The report's figure: one panel per table whose family names plot axes (``report.plot`` in the task
+YAML: forget quality against model utility for TOFU, forgetting against retained knowledge for MUSE)."""
 
 from __future__ import annotations
 
@@ -15,21 +15,16 @@ from harness.results.tables import row_key
 
 
 def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path:
-    """Forget quality (log) against model utility per method and split (TOFU), and MUSE's forgetting
-    (verbatim-memorisation ROUGE) against retained knowledge; hollow markers are the published points."""
+    """The family's ``plot`` axes per method and split; hollow markers are the published points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    axes_spec = {
-        "tofu": ("model_utility", "forget_quality", True),
-        "muse": ("retain_knowmem_ROUGE", "forget_verbmem_ROUGE", False),
-    }
-    panels = [t for t in tables if t.benchmark in axes_spec]
+    panels = [t for t in tables if t.plot]
     if not panels:
-        raise HarnessError(f"--plot {path}: no TOFU or MUSE results to plot")
+        raise HarnessError(f"--plot {path}: no results of a task family with plot axes (report.plot) to plot")
     methods = sorted({d for t in panels for d in t.rows}, key=row_key)
     colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(methods)}
     markers = ["o", "s", "^", "D", "v", "P"]
@@ -40,7 +35,8 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, t in zip(axes.flat, panels):
-        xm, ym, logy = axes_spec[t.benchmark]
+        xm, ym = t.plot["x"], t.plot["y"]
+        logx, logy = bool(t.plot.get("log_x")), bool(t.plot.get("log_y"))
         split_marker = {task: markers[i % len(markers)] for i, (task, _) in enumerate(t.splits)}
         off_scale = []
         for display in t.rows:
@@ -51,7 +47,7 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                 x, y = cell.stats.get(xm), cell.stats.get(ym)
                 if x is None or y is None or x.mean is None or y.mean is None:
                     continue
-                if logy and y.mean <= 0:
+                if (logy and y.mean <= 0) or (logx and x.mean <= 0):
                     off_scale.append(f"{display}/{split}")
                     continue
                 yerr = None
@@ -80,7 +76,7 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                 for task, split in t.splits:
                     px = published.get((t.benchmark, pub_model, display, split, xm))
                     py = published.get((t.benchmark, pub_model, display, split, ym))
-                    if px is None or py is None or (logy and py <= 0):
+                    if px is None or py is None or (logy and py <= 0) or (logx and px <= 0):
                         continue
                     ax.plot(
                         px,
@@ -91,12 +87,14 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                         markersize=10,
                         markeredgewidth=1.5,
                     )
+        if logx:
+            ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
-            # Forget quality is a p-value: nothing lies above 1, only error bars would stretch the axis.
-            ax.set_ylim(top=10.0)
-        ax.set_xlabel(f"{xm} (higher is better)")
-        ax.set_ylabel(f"{ym} ({'log scale, ' if logy else ''}{'higher' if logy else 'lower'} is better)")
+        if t.plot.get("y_max") is not None:  # e.g. forget quality, a p-value: only error bars pass 1
+            ax.set_ylim(top=float(t.plot["y_max"]))
+        ax.set_xlabel(_axis_label(xm, logx, t.better.get(xm)))
+        ax.set_ylabel(_axis_label(ym, logy, t.better.get(ym)))
         title = f"{t.title} · {t.model}"
         if pub_model:
             title += f"\nfilled: ours · hollow: published {pub_model}"
@@ -106,7 +104,7 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
             ax.text(
                 0.01,
                 0.01,
-                f"{ym} = 0, not drawn: {', '.join(off_scale)}",
+                f"off the log scale (<= 0), not drawn: {', '.join(off_scale)}",
                 transform=ax.transAxes,
                 fontsize=7,
                 va="bottom",
@@ -137,3 +135,9 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
     plt.close(fig)
     write_bytes(path, buf.getvalue())
     return path
+
+
+def _axis_label(metric: str, log: bool, better: str | None) -> str:
+    words = {"higher": "higher is better", "lower": "lower is better", "zero": "closer to 0 is better"}
+    notes = (["log scale"] if log else []) + ([words[better]] if better in words else [])
+    return f"{metric} ({', '.join(notes)})" if notes else metric

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 
 from harness.report.load import Cell
-from harness.report.published import LOG_METRICS, PUBLISHED_MODELS
+from harness.report.published import LOG_METRICS
 from harness.report.tables import Table, cell_text, comparison_rows, fmt, fmt_diff, metric_header, seed_line
 from harness.results.tables import Sheet, to_csv, to_html, to_markdown, to_records
 
@@ -73,7 +73,7 @@ def _notes(tables: list[Table], compare: bool) -> list[str]:
             "The published Retain rows print forget_quality 0.00e+00, a misprint for 1.0; other known gaps between "
             "the published tables and the shipped logs are listed in harness/bundled/published/README.md."
         )
-        if any(t.model not in PUBLISHED_MODELS and len(t.compare_with) > 1 for t in tables):
+        if any(t.model not in t.published_models and len(t.compare_with) > 1 for t in tables):
             notes.append(
                 "Models without a published counterpart (e.g. the embedded `tiny`) are shown against each published "
                 "model for orientation: they check the pipeline, not the published numbers."

@@ -10,31 +10,6 @@ from harness.report.published import LOG_METRICS, difference, published_model_na
 from harness.results.tables import ARROWS, row_key
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    title: str
-    splits: dict[str, str]  # task name -> published split (column group) name
-    metrics: tuple[str, ...]
-
-
-BENCHMARKS = {
-    "tofu": Benchmark(
-        "tofu",
-        "TOFU",
-        {"tofu_forget01": "forget01", "tofu_forget05": "forget05", "tofu_forget10": "forget10"},
-        ("forget_quality", "model_utility", "forget_truth_ratio"),
-    ),
-    "muse": Benchmark(
-        "muse",
-        "MUSE",
-        {"muse_news": "News", "muse_books": "Books"},
-        ("forget_knowmem_ROUGE", "forget_verbmem_ROUGE", "privleak", "retain_knowmem_ROUGE"),
-    ),
-}
-TASK_BENCHMARK = {task: b for b in BENCHMARKS.values() for task in b.splits}
-
-
 @dataclass
 class Table:
     benchmark: str
@@ -47,23 +22,26 @@ class Table:
     better: dict[str, str]
     max_seeds: int
     compare_with: list[str] = field(default_factory=list)  # published model names
+    published_models: dict[str, str] = field(default_factory=dict)  # our model label -> published name
+    plot: dict | None = None  # the family's plot axes ({x, y, log_x, log_y, y_max})
+    published_files: tuple[str, ...] = ()
 
 
 def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table]:
+    """One table per (benchmark, model) for tasks with a report layout (their column groups in the
+    family's ``split_order``); a task without one gets a table of its own with every metric it reported."""
     by_key: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
-        bench = TASK_BENCHMARK.get(c.task)
-        by_key.setdefault((bench.name if bench else c.task, c.model), []).append(c)
+        by_key.setdefault((c.family.benchmark if c.family else c.task, c.model), []).append(c)
     tables = []
-    order = list(BENCHMARKS)
-    for (bench_name, model), group in sorted(
-        by_key.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0])
-    ):
-        bench = BENCHMARKS.get(bench_name)
-        tasks = {c.task for c in group}
-        if bench:
-            splits = [(t, s) for t, s in bench.splits.items() if t in tasks]
-            metrics = list(bench.metrics)
+    for (bench_name, model), group in sorted(by_key.items(), key=lambda kv: _table_order(kv[0], kv[1])):
+        family = _family(group)
+        if family:
+            layout = family.layout
+            split_of = {c.task: c.family.layout.split for c in group}
+            rank = {s: i for i, s in enumerate(layout.split_order)}
+            splits = sorted(split_of.items(), key=lambda ts: (rank.get(ts[1], len(rank)), ts[1], ts[0]))
+            metrics = list(layout.columns) or sorted({m for c in group for m in c.stats})
         else:  # a task of its own (plugin or --include-tasks): one group, every metric it reported
             splits = [(bench_name, bench_name)]
             metrics = sorted({m for c in group for m in c.stats})
@@ -72,7 +50,7 @@ def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table
             better.update(c.better)
         table = Table(
             benchmark=bench_name,
-            title=bench.title if bench else bench_name,
+            title=family.layout.title if family else bench_name,
             model=model,
             splits=splits,
             metrics=metrics,
@@ -80,11 +58,25 @@ def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table
             cells={(c.display, c.task): c for c in group},
             better=better,
             max_seeds=max(len(c.seeds) for c in group),
+            published_models=dict(family.layout.published_models) if family else {},
+            plot=family.layout.plot if family else None,
+            published_files=family.layout.published if family else (),
         )
-        if published is not None and bench:
-            table.compare_with = published_model_names(model, bench_name, published)
+        if published is not None and family:
+            table.compare_with = published_model_names(model, bench_name, published, table.published_models)
         tables.append(table)
     return tables
+
+
+def _family(group: list[Cell]):
+    """The family-wide layout (title, columns, ...) of a table: that of its first task by name."""
+    with_family = sorted((c for c in group if c.family), key=lambda c: c.task)
+    return with_family[0].family if with_family else None
+
+
+def _table_order(key: tuple[str, str], group: list[Cell]):
+    family = _family(group)
+    return (0, family.layout.order, key) if family else (1, 0, key)
 
 
 def fmt(value: float | None) -> str:

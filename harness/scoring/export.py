@@ -65,5 +65,10 @@ def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: 
         m = registry.metrics.get(n)
         metrics[n] = {"value": _plain(s.value), "better": getattr(m, "better", None),
                       "version": getattr(m, "version", None), "top_level": n in top}
+    # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
+    layout = {"benchmark": task.benchmark}
+    if task.report is not None:
+        layout["report"] = task.report.to_dict()
     write_json(out_dir / "scores.json", {"task": task.name, "task_version": task.version, "model": model_label,
-                                         **(identity or {}), "partial": partial, "eval": settings, "metrics": metrics})
+                                         **(identity or {}), **layout, "partial": partial, "eval": settings,
+                                         "metrics": metrics})
