@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -14,6 +13,7 @@ import pytest
 
 from harness import HarnessError, report
 from harness.cli import main as cli_main
+from harness.options import ReportOptions
 
 BETTER = {
     "forget_quality": "higher",
@@ -409,8 +409,7 @@ def test_cli_report_end_to_end(tree, tmp_path, capsys):
 def test_main_accepts_namespace_flags(tree, tmp_path):
     """report.main as the CLI calls it: compare given as the flag's constant or a path."""
     out = tmp_path / "r.md"
-    args = argparse.Namespace(results=str(tree), format="md", compare="published", plot=None, output=str(out),
-                              model=None)  # fmt: skip
+    args = ReportOptions(results=str(tree), compare="published", output=str(out))
     assert report.main(args) == 0
     assert "vs published Llama-2-7b-chat-hf" in out.read_text()
     args.compare = str(report.PUBLISHED_DIR / "seed_muse_Llama-2-7b-hf.csv")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from harness import HarnessError
 from harness.io import write_json, write_text
+from harness.options import ReportOptions
 from harness.report.layout import Family, builtin_families
 from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, load_runs
 from harness.report.plot import plot
@@ -64,12 +65,13 @@ def _compare_source(compare) -> Path | None | bool:
     return Path(compare)
 
 
-def main(args) -> int:
-    fmt_name = getattr(args, "format", None) or "md"
+def main(opts: ReportOptions) -> int:
+    args = opts
+    fmt_name = args.format
     if fmt_name not in {"md", "csv", "html", "json"}:
         raise HarnessError(f"--format {fmt_name}: choose md, csv, html or json")
-    runs = load_runs(Path(args.results), getattr(args, "model", None))
-    source = _compare_source(getattr(args, "compare", None))
+    runs = load_runs(Path(args.results), args.model)
+    source = _compare_source(args.compare)
     cells = build_cells(runs)
     published = None
     if source is not False:
@@ -81,7 +83,7 @@ def main(args) -> int:
         text = json.dumps(to_json(tables, published), indent=2, ensure_ascii=False) + "\n"
     else:
         text = {"md": render_markdown, "csv": render_csv, "html": render_html}[fmt_name](tables, published)
-    output = getattr(args, "output", None)
+    output = args.output
     if output:
         if fmt_name == "json":
             write_json(Path(output), to_json(tables, published))
@@ -90,9 +92,9 @@ def main(args) -> int:
         print(f"report written to {output}")
     else:
         print(text, end="" if text.endswith("\n") else "\n")
-    if getattr(args, "timing", False):
+    if args.timing:
         print(render_timing(tables))
-    plot_path = getattr(args, "plot", None)
+    plot_path = args.plot
     if plot_path:
         plot(tables, Path(plot_path), published)
         print(f"plot written to {plot_path}")
