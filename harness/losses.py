@@ -15,10 +15,10 @@ The normalisations differ per method on purpose (spec 13 item 12):
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-
-from harness import HarnessError
 
 IGNORE = -100
 
@@ -98,15 +98,11 @@ def kl_retain(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(cur, ref, reduction="batchmean", log_target=True)
 
 
-RETAIN_LOSS_TYPES = ("NLL", "KL")
+# The retain terms of GradDiff, NPO and IdkDPO; a ``Literal`` field of this type is checked by build_method.
+RetainLossType = Literal["NLL", "KL"]
 
 
-def check_retain_loss_type(method: str, value: str) -> None:
-    if value not in RETAIN_LOSS_TYPES:
-        raise HarnessError(f"{method}.retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}, got {value!r}")
-
-
-def retain_loss(model, part: dict, ref, loss_type: str = "NLL") -> torch.Tensor:
+def retain_loss(model, part: dict, ref, loss_type: RetainLossType = "NLL") -> torch.Tensor:
     """GradDiff's retain term (spec section 3): HF token-mean NLL, or KL to the frozen start model."""
     logits = forward_logits(model, part)
     if loss_type == "KL":

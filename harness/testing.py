@@ -6,18 +6,28 @@
 
 Everything here is built in memory in well under a second: a character-level tokenizer, a 2-layer
 Llama (hidden 32), and a handful of question/answer items encoded with prompt labels masked.
+
+To check a loss on your own model and data, without knowing the harness's layout:
+
+    model, tok = load("path/to/checkpoint")
+    forget = encode_items(tok, [("Who wrote X?", "Y wrote it.")], template="template.yaml")
+    retain = encode_items(tok, [("Who wrote Z?", "W wrote it.")], template="template.yaml")
+    loss, parts = MyMethod().loss(model, batch(forget, retain, tokenizer=tok), frozen_reference(model))
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from harness.data.encode import Template, encode_qa
 from harness.io import read_jsonl
 
 # Toy TOFU-like data: made-up authors, answers long enough to give a few label tokens each.
@@ -148,3 +158,85 @@ def one_step(method, model=None, tokenizer=None, *, forget=None, retain=None, id
     parts = {k: v for k, v in row.items() if k not in ("step", "epoch", "loss", "grad_norm", "lr")}
     return StepResult(loss=row["loss"], parts=parts, grad_norm=row.get("grad_norm"),
                       changed=delta > 0 and math.isfinite(delta), max_delta=delta, model=out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checking a loss on your own model and data: the pieces the training loop hands ``method.loss``
+
+
+def load(path, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a Hugging Face checkpoint directory or hub id, loaded as ``harness run`` does
+    (the tokenizer gets eos/pad fixed up as in the reference implementation; the model is in eval mode)."""
+    from harness.models.load import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+    return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code), tok
+
+
+def load_template(template) -> Template:
+    """A ``Template`` as given, or read from a YAML file of template_args keys (what ``--template`` takes)."""
+    if isinstance(template, Template):
+        return template
+    from harness.models.profiles import load_template_file
+
+    return load_template_file(str(template))
+
+
+def encode_items(tokenizer, pairs: Iterable, template, *, max_length: int = 512) -> list[dict]:
+    """Encode ``(question, answer)`` pairs (or dicts with those keys) as training items: ``input_ids`` and
+    ``labels`` with the prompt masked (-100), exactly as the harness encodes a task's rows with ``template``
+    (a ``Template`` or a YAML file)."""
+    tmpl = load_template(template)
+    out = []
+    for pair in pairs:
+        q, a = (pair["question"], pair["answer"]) if isinstance(pair, dict) else pair
+        out.append(encode_qa(tokenizer, tmpl, q, a, max_length=max_length))
+    return out
+
+
+def batch(forget: Sequence[dict], retain: Sequence[dict] | None = None, idk: Sequence[dict] | None = None, *,
+          tokenizer=None, pad_id: int | None = None, alts: Sequence[int] | None = None,
+          attention_mask: str = "reference") -> dict:
+    """The batch ``method.loss`` gets during training, from encoded items in the given order.
+
+    ``{"forget": part, "retain": part[, "idk": part]}``, each part right-padded with ``input_ids``,
+    ``attention_mask`` (the published ``ids != pad`` mask unless ``attention_mask="corrected"``), ``labels``
+    and ``index`` (the item's position in its list: the dataset row, which keys the reference's memo).
+    ``idk[i]`` is the idk item of ``forget[i]``; its part also has ``alt`` (``alts[i]``, default 0: which idk
+    answer was drawn). Pass ``tokenizer`` (its pad token, else eos) or ``pad_id``.
+    """
+    from harness.training.batching import _pad_id
+    from harness.training.loop import method_batch
+
+    if pad_id is None:
+        if tokenizer is None:
+            raise TypeError("batch() needs tokenizer= or pad_id=")
+        pad_id = _pad_id(tokenizer)
+    if idk is not None and len(idk) != len(forget):
+        raise ValueError(f"batch(): idk has {len(idk)} items for {len(forget)} forget items (one each)")
+    alts = list(alts) if alts is not None else [0] * len(forget)
+    f = [{**it, "index": i} for i, it in enumerate(forget)]
+    r = [{**it, "index": i} for i, it in enumerate(retain)] if retain else None
+    w = [{**it, "index": i, "alt": alts[i]} for i, it in enumerate(idk)] if idk is not None else None
+    return method_batch(f, r, w, pad_id, attention_mask)
+
+
+def frozen_reference(model, method=None, *, cache: bool = False, copy_model: bool = True):
+    """``model`` frozen (a copy, eval mode, no grad) as the ``ref`` a method's ``loss`` receives.
+
+    With ``method``, ``ref`` holds it to its declaration as training does: ``reference_of(method) ==
+    "logprobs"`` makes ``ref.logits`` an error, ``"none"`` returns ``None``. ``cache=True`` memoises
+    sequence log-probs by ``(part name, index[, alt])`` as training does; the default recomputes, so two
+    batches that reuse an index with other text still get their own values.
+    """
+    from harness.methods import reference_of
+    from harness.training.start_model import StartModel
+
+    kind = reference_of(method) if method is not None else "model"
+    if kind == "none":
+        return None
+    frozen = copy.deepcopy(model) if copy_model else model
+    frozen.eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return StartModel(frozen, cache=cache, allow_logits=kind == "model")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness import hookimpl
-from harness.losses import check_retain_loss_type, forward_logits, retain_loss, token_mean_nll
+from harness.losses import RetainLossType, forward_logits, retain_loss, token_mean_nll
 from harness.methods import Method
 
 
@@ -20,12 +20,11 @@ class GradDiff(Method):
     display_name: ClassVar[str] = "GradDiff"
     gamma: float = 1.0
     alpha: float = 1.0
-    retain_loss_type: str = "NLL"
+    retain_loss_type: RetainLossType = "NLL"
 
-    def __post_init__(self):
-        check_retain_loss_type("grad_diff", self.retain_loss_type)
-        # Only the KL retain loss needs the frozen start model.
-        self.needs_reference = self.retain_loss_type == "KL"
+    def reference_needed(self):
+        # Only the KL retain loss needs the frozen start model (its live logits).
+        return "model" if self.retain_loss_type == "KL" else "none"
 
     def loss(self, model, batch, ref):
         f, r = batch["forget"], batch["retain"]

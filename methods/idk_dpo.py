@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness import hookimpl
-from harness.losses import check_retain_loss_type, dpo_loss, forward_logits, retain_loss, sequence_logprob
+from harness.losses import RetainLossType, dpo_loss, forward_logits, retain_loss, sequence_logprob
 from harness.methods import Method
 
 
@@ -19,16 +19,16 @@ from harness.methods import Method
 class IdkDPO(Method):
     name: ClassVar[str] = "idk_dpo"
     display_name: ClassVar[str] = "IdkDPO"
-    needs_reference: ClassVar[bool] = True
+    reference: ClassVar[str] = "logprobs"
     uses_idk: ClassVar[bool] = True
     beta: float = 0.1
     alpha: float = 1.0
     gamma: float = 1.0
-    retain_loss_type: str = "NLL"
+    retain_loss_type: RetainLossType = "NLL"
 
-    def __post_init__(self):
-        check_retain_loss_type("idk_dpo", self.retain_loss_type)
-        self.reference_logprobs_only = self.retain_loss_type == "NLL"
+    def reference_needed(self):
+        # With an NLL retain term only reference log-probs are needed; KL needs the live model.
+        return "model" if self.retain_loss_type == "KL" else "logprobs"
 
     def loss(self, model, batch, ref):
         f, w, r = batch["forget"], batch["idk"], batch["retain"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness import hookimpl
-from harness.losses import check_retain_loss_type, forward_logits, npo_loss, retain_loss, sequence_logprob
+from harness.losses import RetainLossType, forward_logits, npo_loss, retain_loss, sequence_logprob
 from harness.methods import Method
 
 
@@ -18,16 +18,15 @@ from harness.methods import Method
 class NPO(Method):
     name: ClassVar[str] = "npo"
     display_name: ClassVar[str] = "NPO"
-    needs_reference: ClassVar[bool] = True
+    reference: ClassVar[str] = "logprobs"
     beta: float = 0.1
     alpha: float = 1.0
     gamma: float = 1.0
-    retain_loss_type: str = "NLL"
+    retain_loss_type: RetainLossType = "NLL"
 
-    def __post_init__(self):
-        check_retain_loss_type("npo", self.retain_loss_type)
-        # With an NLL retain term only cached reference log-probs are needed, not the live model.
-        self.reference_logprobs_only = self.retain_loss_type == "NLL"
+    def reference_needed(self):
+        # With an NLL retain term only reference log-probs are needed; KL needs the live model.
+        return "model" if self.retain_loss_type == "KL" else "logprobs"
 
     def loss(self, model, batch, ref):
         f, r = batch["forget"], batch["retain"]

@@ -83,10 +83,10 @@ def test_installed_plugins_are_listed_and_benchmarked_next_to_npo(installed, tmp
         ["ls", "methods"], ["ls", "plugins"],
         ["run", "-t", "tofu_forget01", "-m", "wga,my_wga,npo", "--set", "my_wga.beta=0.5", "--dry-run", "-o", str(tmp_path)])
     assert "Traceback" not in err
-    assert _row(out, "wga")[:5] == ["wga", "WGA", "no", "harness-example-method", "0.1.0"]
+    assert _row(out, "wga")[:6] == ["wga", "WGA", "none", "no", "harness-example-method", "0.1.0"]
     assert "beta=1.0, gamma=1.0, alpha=1.0" in out
     # the copied, renamed, editable-installed method: its own name, distribution and version
-    assert _row(out, "my_wga")[:5] == ["my_wga", "WGA", "no", "my-unlearn-method", "2.3.0"]
+    assert _row(out, "my_wga")[:6] == ["my_wga", "WGA", "none", "no", "my-unlearn-method", "2.3.0"]
     assert _row(out, "mine")[:6] == ["mine", "entrypoint", "my-unlearn-method", "2.3.0", "loaded", "1"]
     assert _row(out, "wga")[:1] == ["wga"] and "entrypoint" in out
     assert "3 run(s):" in out
@@ -167,7 +167,7 @@ def test_plugins_dir_loads_drafts_and_ls_plugins_explains_failures(tmp_path, mon
     d.mkdir()
     (d / "draft.py").write_text(textwrap.dedent(DRAFT))
     _, out, _ = run_cli("ls", "methods", "--plugins-dir", d)
-    assert _row(out, "draft_ga")[:4] == ["draft_ga", "draft_ga", "no", "drafts/draft.py"]
+    assert _row(out, "draft_ga")[:5] == ["draft_ga", "draft_ga", "none", "no", "drafts/draft.py"]
     _, out, _ = run_cli("run", "-t", "tofu_forget01", "-m", "draft_ga", "--set", "draft_ga.scale=2", "--dry-run",
                         "-o", tmp_path / "res", "--plugins-dir", d)
     assert "method: {scale: 2.0}" in out

@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 
 from harness import HarnessError
+from harness.methods import literal_choices, reference_of
 from harness.models.profiles import get_profiles
 from harness.plugins import build_registry, get_registry
 from harness.results.tables import Sheet, to_plain
@@ -15,6 +16,19 @@ def _rows(title: str, rows: list[tuple], header: tuple) -> str:
     if not rows:
         return f"{title}: (none)\n"
     return f"{title}:\n" + to_plain(Sheet(list(header), [list(r) for r in rows]), indent="  ") + "\n"
+
+
+def _reference(cls) -> str:
+    """What the default configuration needs of the frozen start model (none, logprobs or model)."""
+    try:
+        return reference_of(cls())
+    except Exception as exc:  # a broken plugin must not hide the rest of the listing
+        return f"? ({type(exc).__name__})"
+
+
+def _hyper(cls, f) -> str:
+    choices = literal_choices(cls, f.name)
+    return f"{f.name}={f.default}" + (f" ({'|'.join(map(str, choices))})" if choices else "")
 
 
 def render(what: str, pattern: str, reg) -> str:
@@ -29,12 +43,12 @@ def render(what: str, pattern: str, reg) -> str:
         for name, cls in sorted(reg.methods.items()):
             if not m(name):
                 continue
-            hp = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+            hp = ", ".join(_hyper(cls, f) for f in dataclasses.fields(cls))
             src = reg.sources[("methods", name)]
             info = next((p for p in reg.plugins if p.name == src), None)
             dist = f"{info.dist} {info.version}" if info and info.dist and info.version else (info.dist if info and info.dist else src)
-            rows.append((name, cls.display_name or name, "yes" if cls.needs_reference else "no", dist, hp))
-        out.append(_rows("methods", rows, ("name", "display", "reference", "from", "hyper-parameters")))
+            rows.append((name, cls.display_name or name, _reference(cls), "yes" if cls.uses_idk else "no", dist, hp))
+        out.append(_rows("methods", rows, ("name", "display", "reference", "idk", "from", "hyper-parameters")))
     if what in ("all", "metrics"):
         rows = [(n, mt.better, "yes" if mt.needs_reference else "no", mt.version, mt.description)
                 for n, mt in sorted(reg.metrics.items()) if m(n)]

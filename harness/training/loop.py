@@ -30,6 +30,7 @@ import torch
 
 from harness import HarnessError
 from harness.losses import forward_logits, token_mean_nll
+from harness.methods import reference_of
 from harness.training import distributed as dist_utils
 from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
 from harness.training.config import TrainConfig, plan
@@ -242,9 +243,19 @@ def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc:
 
 
 def method_uses_reference(method) -> bool:
-    """Whether ``method`` (an instance) needs the frozen start model (read on the instance: hyper-parameters
-    such as ``retain_loss_type="KL"`` can switch it on)."""
-    return bool(getattr(method, "needs_reference", False))
+    """Whether ``method`` (an instance, so hyper-parameters count) needs any frozen start model."""
+    return reference_of(method) != "none"
+
+
+def method_batch(forget: Sequence[dict], retain: Sequence[dict] | None, idk: Sequence[dict] | None,
+                 pad_id: int, mask: str) -> dict:
+    """The batch ``method.loss`` gets from already chosen items (each carrying ``index``, idk ones ``alt``)."""
+    batch = {"forget": collate(forget, pad_id, mask)}
+    if retain:
+        batch["retain"] = collate(retain, pad_id, mask)
+    if idk:
+        batch["idk"] = collate(idk, pad_id, mask)
+    return batch
 
 
 def unlearn(
@@ -270,10 +281,12 @@ def unlearn(
     - ``idk_items`` (methods with ``uses_idk``): ``idk_items[i]`` is the list of encoded alternatives for
       forget example ``i`` (the forget question with each idk answer, encoded by the caller with the
       model's template); one is drawn uniformly per access from the per-rank generator.
-    - ``ref_model``: the frozen reference; default a copy of ``model`` as it is at the start.
-    - ``cache_reference``: memoise reference sequence log-probs (forget set precomputed once). When the
-      method declares ``reference_logprobs_only`` (NPO, IdkDPO with NLL retain) and has no idk pairs the
-      frozen model is then released before training.
+    - ``ref_model``: the frozen reference; default a copy of ``model`` as it is at the start. What is
+      kept follows ``reference_of(method)`` only: ``"none"`` makes no copy and ``ref`` is ``None``;
+      ``"logprobs"`` precomputes the forget set's log-probs and releases the copy before training (kept
+      for idk methods, whose drawn idk pairs are memoised as they come); ``"model"`` keeps it live.
+    - ``cache_reference``: memoise reference sequence log-probs; ``False`` recomputes every call (and so
+      keeps the frozen model). ``info["reference_forwards"]`` counts the reference forwards run.
     - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result.
     Batches given to ``method.loss`` are ``{"forget", "retain"[, "idk"]}`` parts with ``input_ids``,
     ``attention_mask``, ``labels`` and ``index`` (idk parts also ``alt``, the drawn alternative).
@@ -292,7 +305,8 @@ def unlearn(
             raise HarnessError(f"method '{method.name}': a forget example has no idk alternatives")
     pad_id = _pad_id(tokenizer)
     mask = cfg.attention_mask
-    needs_ref = method_uses_reference(method)
+    kind = reference_of(method)
+    needs_ref = kind != "none"
     ref_holder: dict[str, StartModel] = {}
     start_ref = ref_model
     if needs_ref and start_ref is None:
@@ -300,17 +314,15 @@ def unlearn(
         start_ref = copy.deepcopy(model)
 
     def make_batch(idx, gen):
-        batch = {"forget": collate([forget[i] for i in idx], pad_id, mask)}
+        partners = alts = None
         if retain:
-            r = torch.randint(0, len(retain), (len(idx),), generator=gen).tolist()
-            batch["retain"] = collate([retain[j] for j in r], pad_id, mask)
+            partners = [retain[j] for j in torch.randint(0, len(retain), (len(idx),), generator=gen).tolist()]
         if uses_idk:
             alts = []
             for i in idx:
                 j = int(torch.randint(0, len(idk_items[i]), (1,), generator=gen))
                 alts.append({**idk_items[i][j], "index": i, "alt": j})
-            batch["idk"] = collate(alts, pad_id, mask)
-        return batch
+        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask)
 
     def loss_fn(m, batch):
         out = method.loss(m, batch, ref_holder.get("ref"))
@@ -319,12 +331,13 @@ def unlearn(
         return out, {}
 
     def after_prepare(acc, pad):
+        nonlocal start_ref
         if not needs_ref:
             return
         ref_net = dist_utils.prepare_reference(acc, start_ref)
-        only_logprobs = bool(getattr(method, "reference_logprobs_only", False))
-        ref = StartModel(ref_net, cache=cache_reference, keep_model=not (only_logprobs and not uses_idk),
-                        accelerator=acc)
+        start_ref = None  # StartModel holds the only reference, so releasing it frees the copy
+        ref = StartModel(ref_net, cache=cache_reference, keep_model=kind == "model" or uses_idk,
+                         allow_logits=kind == "model", accelerator=acc)
         ref.precompute(forget, "forget", pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
         if cache_reference:
             ref.release_model()
@@ -333,7 +346,9 @@ def unlearn(
     result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
                   out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
                   after_prepare=after_prepare, save_dir=save_dir)
+    result.info["reference"] = kind
     if "ref" in ref_holder:
         result.info["reference_forwards"] = ref_holder["ref"].forwards
+        result.info["reference_released"] = ref_holder["ref"].model is None
     ref_holder.clear()
     return result

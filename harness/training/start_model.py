@@ -20,15 +20,19 @@ class StartModel:
       batch part. Values are memoised by ``(name, index[, alt])``: the forget set is computed once before
       training (``precompute``) and reused every epoch; idk pairs are memoised as they are first drawn.
       With ``cache=False`` every call recomputes (the cached path equals it within 1e-6 relative).
-    - ``logits(part)``: fp32 logits of the live frozen model, no grad (KL retain losses).
+    - ``logits(part)``: fp32 logits of the live frozen model, no grad (KL retain losses); an error unless
+      ``allow_logits`` (core passes it for methods declaring ``reference = "model"``).
+    ``forwards`` counts the reference forward passes run; ``model`` is ``None`` once released.
     Under ZeRO-3 the model is sharded like the policy, so every rank runs each forward together: a cache
     miss on any rank makes all ranks run that batch.
     """
 
-    def __init__(self, model, *, cache: bool = True, keep_model: bool = True, accelerator=None):
+    def __init__(self, model, *, cache: bool = True, keep_model: bool = True, allow_logits: bool = True,
+                 accelerator=None):
         self.model = model
         self.cache = cache
         self.keep_model = keep_model
+        self.allow_logits = allow_logits
         self._acc = accelerator
         self._memo: dict[tuple, float] = {}
         self.forwards = 0  # reference forward passes run (for the benchmark and tests)
@@ -77,6 +81,9 @@ class StartModel:
     @torch.no_grad()
     def logits(self, part: dict) -> torch.Tensor:
         """fp32 logits of the frozen start model on ``part`` (no grad)."""
+        if not self.allow_logits:
+            raise HarnessError("this method asked for live reference logits but declares reference='logprobs'; "
+                               "declare reference='model' (or return it from reference_needed())")
         if self.model is None:
             raise HarnessError("this method asked for live reference logits but the reference model was released")
         self.forwards += 1
@@ -95,5 +102,5 @@ class StartModel:
 
     def release_model(self) -> None:
         """Drop the frozen model when only memoised log-probs will be needed (saves one model of memory)."""
-        if not self.keep_model:
+        if not self.keep_model and self.cache:
             self.model = None
