@@ -10,6 +10,7 @@ twice is an error naming both sources.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import importlib.metadata as md
 import importlib.util
@@ -83,7 +84,9 @@ def strict_mode() -> bool:
 
 
 def _load_file_module(path: Path, prefix: str) -> ModuleType:
-    modname = f"{prefix}_{path.stem}"
+    # two loose files of the same name in different folders are different plugins
+    where = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
+    modname = f"{prefix}_{path.stem}_{where}"
     if modname in sys.modules:
         return sys.modules[modname]
     spec = importlib.util.spec_from_file_location(modname, path)
