@@ -4,6 +4,7 @@ work lives in ``harness.commands.<verb>``."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
 import os
@@ -194,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         from importlib import import_module
 
         module = {"validate": "ls"}.get(args.verb, args.verb)
-        return import_module(f"harness.commands.{module}").main(opts) or 0
+        rc = import_module(f"harness.commands.{module}").main(opts) or 0
+        sys.stdout.flush()  # a closed pipe (`harness ls | head -1`) surfaces here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _closed_pipe()
     except HarnessError as exc:
         if opts.debug:
             raise
@@ -203,13 +208,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        from harness.io import os_error_message
+
+        if exc.errno in OS_USER_ERRORS:  # the disk or a path the user named, not a harness bug
+            print(f"error: {os_error_message(exc, action='')}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     except Exception as exc:  # an unforeseen failure still gets one line; --debug shows where
         if opts.debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+# errno values that mean "this path / this disk", reported as the user's problem (exit 2)
+OS_USER_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                  errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: stop quietly. Pointing stdout at /dev/null keeps Python's final
+    flush from printing "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (redirected in-process)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 def _has_cuda_hint() -> bool:

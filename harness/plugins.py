@@ -2,14 +2,17 @@
 
 Load order: built-ins listed in registry.yaml, then installed entry points (group
 ``unlearn_harness``), then loose files from ``--plugins-dir``. Built-ins go through the same
-hooks as third-party plugins. A plugin that fails to import or register is skipped with a
-one-line warning naming it (``HARNESS_STRICT_PLUGINS=1`` raises instead). A name registered
-twice is an error naming both sources.
+hooks as third-party plugins. A plugin that fails to import or register, or registers something
+of the wrong kind (not a Method dataclass, not a Metric, not an existing task path, a name that is
+not a safe path component), is skipped with a one-line warning naming it; a task file that does
+not load hides only itself, with a warning naming the file (``HARNESS_STRICT_PLUGINS=1`` and
+``harness validate`` raise instead). A name registered twice is an error naming both sources.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata as md
@@ -27,7 +30,8 @@ import pluggy
 
 from harness import PROJECT, HarnessError, __version__, hookimpl, hookspec
 from harness.io import read_yaml
-from harness.paths import builtin_root
+from harness.paths import builtin_root, safe_name
+from harness.tasks import TASK_FILE_FAILURE, parse_task, task_files
 
 log = logging.getLogger("harness")
 
@@ -64,10 +68,12 @@ class Registry:
     tasks: dict[str, Any] = field(default_factory=dict)
     sources: dict[tuple[str, str], str] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
+    task_errors: list[str] = field(default_factory=list)  # task files that did not load (lenient mode)
 
     @property
     def failures(self) -> list[str]:
-        return [f"{p.name}: {p.error}" for p in self.plugins if p.status == "failed"]
+        return ([f"{p.name}: {p.error}" for p in self.plugins if p.status == "failed"]
+                + [TASK_FILE_FAILURE + e for e in self.task_errors])
 
     def add(self, kind: str, name: str, obj: Any, source: str) -> None:
         table = getattr(self, kind)
@@ -110,6 +116,43 @@ def read_registry_file() -> dict:
     return doc
 
 
+class BadRegistration(Exception):
+    """A plugin handed ``register`` something of the wrong kind; reported as that plugin's failure."""
+
+
+def _in_mro(obj_type: type, module: str, name: str) -> bool:
+    # by name, not by import: the registry sits below harness.methods / harness.metrics
+    return any(c.__name__ == name and c.__module__ == module for c in getattr(obj_type, "__mro__", ()))
+
+
+def check_method(item) -> str:
+    """The name of a valid method class; BadRegistration otherwise."""
+    if not (isinstance(item, type) and _in_mro(item, "harness.methods", "Method")):
+        raise BadRegistration(f"register_methods registered {item!r}, not a subclass of harness.methods.Method")
+    fields = {f.name for f in dataclasses.fields(item)} if dataclasses.is_dataclass(item) else set()
+    # annotations of the class itself that are not fields: it forgot @dataclass, so --set and the run
+    # hash would silently miss those hyper-parameters
+    missed = [k for k, a in vars(item).get("__annotations__", {}).items()
+              if k not in fields and "ClassVar" not in str(a)]
+    if missed or not dataclasses.is_dataclass(item):
+        raise BadRegistration(f"register_methods registered {item.__name__}, which is not a @dataclass "
+                              f"(hyper-parameters {', '.join(missed) or '(none)'} would be ignored)")
+    name = getattr(item, "name", None)
+    try:
+        return safe_name(name, f"method {item.__name__}.name")
+    except HarnessError as exc:
+        raise BadRegistration(str(exc)) from None
+
+
+def check_metric(item) -> str:
+    if not _in_mro(type(item), "harness.metrics", "Metric"):
+        raise BadRegistration(f"register_metrics registered {item!r}, not a harness.metrics.Metric "
+                              "(decorate the function with @metric and register fn.metric)")
+    if not isinstance(item.name, str) or not item.name or not callable(item.fn):
+        raise BadRegistration(f"register_metrics registered a Metric without a name or function: {item!r}")
+    return item.name
+
+
 class _Loader:
     def __init__(self, strict: bool):
         self.strict = strict
@@ -119,7 +162,8 @@ class _Loader:
         self.pending: list[tuple[Any, PluginInfo]] = []
 
     def fail(self, info: PluginInfo, exc: BaseException) -> None:
-        info.status, info.error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        text = str(exc) if isinstance(exc, BadRegistration) else f"{type(exc).__name__}: {exc}"
+        info.status, info.error = "failed", (text.splitlines() or [""])[0]
         if self.strict:
             raise HarnessError(f"plugin '{info.name}' failed: {info.error}") from exc
         log.warning("skipping plugin '%s' (%s): %s", info.name, info.source, info.error)
@@ -143,9 +187,38 @@ class _Loader:
             return
         self.pending.append((obj, info))
 
-    def register_all(self) -> Registry:
-        from harness.tasks import parse_task, task_files
+    def bad_task_file(self, error: HarnessError) -> None:
+        """A task file that does not load hides only itself (its message names it); strict: an error."""
+        if self.strict:
+            raise error
+        self.reg.task_errors.append(one_line(error))
+        log.warning("skipping task file: %s", one_line(error))
 
+    def task_paths(self, item, info: PluginInfo) -> list[Path]:
+        if not isinstance(item, (str, os.PathLike)):
+            raise BadRegistration(f"register_tasks registered {item!r}, not a path to a task file or directory")
+        p = Path(item)
+        if not p.exists():
+            if info.source == "include-tasks":  # the user's own flag: a typo is an error, not a warning
+                raise HarnessError(f"--include-tasks {p}: no such file or directory")
+            raise BadRegistration(f"register_tasks registered {p}, which does not exist")
+        return task_files(p)
+
+    def stage(self, kind: str, item, info: PluginInfo, staged: list) -> None:
+        if kind == "methods":
+            staged.append((check_method(item), item))
+        elif kind == "metrics":
+            staged.append((check_metric(item), item))
+        else:
+            for f in self.task_paths(item, info):
+                try:
+                    t = parse_task(f)
+                except HarnessError as exc:
+                    self.bad_task_file(exc)
+                    continue
+                staged.append((t.name, t))
+
+    def register_all(self) -> Registry:
         for obj, info in self.pending:
             for hook, kind in (("register_methods", "methods"), ("register_metrics", "metrics"),
                                ("register_tasks", "tasks")):
@@ -153,17 +226,8 @@ class _Loader:
                 if impl is None or not hasattr(impl, f"{PROJECT}_impl"):
                     continue
                 staged: list[tuple[str, Any]] = []
-
-                def register(item, _kind=kind, _staged=staged):
-                    if _kind == "tasks":
-                        for f in task_files(Path(item)):
-                            t = parse_task(f)
-                            _staged.append((t.name, t))
-                    else:
-                        _staged.append((getattr(item, "name", None), item))
-
                 try:
-                    impl(register=register)
+                    impl(register=lambda item, _k=kind, _s=staged, _i=info: self.stage(_k, item, _i, _s))
                 except HarnessError:
                     raise
                 except Exception as exc:
@@ -272,17 +336,47 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def loss_problem(out) -> str | None:
+    """Why ``out`` breaks the loss contract (a scalar tensor, or ``(scalar tensor, parts dict)``), or None."""
+    import torch
+
+    loss = out
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            return f"returned a tuple of {len(out)} item(s); expected (loss, parts dict)"
+        loss = out[0]
+    if not isinstance(loss, torch.Tensor):
+        return f"returned {type(loss).__name__} {_short(loss)}, expected a scalar torch.Tensor"
+    if loss.numel() != 1:
+        return f"returned a tensor of shape {tuple(loss.shape)}, expected a scalar (reduce it, e.g. .mean())"
+    if not loss.is_floating_point():
+        return f"returned a {loss.dtype} tensor, expected a floating-point loss"
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        return "returned a tensor that does not require grad (detached from the model's output?)"
+    return None
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def guard_method(method, name: str, plugin: str):
-    """A copy of ``method`` whose ``loss()`` turns any exception into one error line naming the method and
-    the plugin that registered it (a third-party bug must not read like a harness crash)."""
+    """A copy of ``method`` whose ``loss()`` turns any exception, or a result that is not a scalar loss, into
+    one error line naming the method and the plugin that registered it (a third-party bug must not read
+    like a harness crash)."""
     guarded = copy.copy(method)
     loss = method.loss
 
     def checked_loss(*a, **kw):
         try:
-            return loss(*a, **kw)
+            out = loss(*a, **kw)
         except Exception as exc:
             raise HarnessError(f"method '{name}' from plugin '{plugin}' failed: {one_line(exc)}") from exc
+        problem = loss_problem(out)
+        if problem:
+            raise HarnessError(f"method '{name}' from plugin '{plugin}': loss() {problem}")
+        return out
 
     object.__setattr__(guarded, "loss", checked_loss)
     return guarded

@@ -2,7 +2,8 @@
 
 ``include:`` merges maps recursively (child wins); files whose name starts with ``_`` are bases,
 not tasks. Unknown keys are errors with a suggestion; a file that fails to parse is an error
-naming it, never a silent skip. Everything a benchmark family needs beyond its metrics is data here
+naming it, never a silent skip; mistyped fields are errors naming the file and the field, and the
+task name must be a safe path component (it names a results directory). Everything a benchmark family needs beyond its metrics is data here
 (docs/tasks.md): the export name (``benchmark``), how unlearning data is built (``training.format``,
 ``training.idk``, ``data.<role>.tiny_fallback``), the report layout (``report``) and the recipe of
 ``harness finetune`` (``finetune``).
@@ -12,18 +13,20 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness import HarnessError
+from harness.io import read_yaml
+from harness.paths import safe_name
 
 TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
              "prompt", "data", "training", "metrics", "report", "finetune")
 DATA_KEYS = ("path", "name", "split", "format")
+TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
 ROLE_KEYS = (*DATA_KEYS, "tiny_fallback")
 # format / idk say how the unlearning items are built; the rest is TrainConfig
 DATA_BUILD_KEYS = ("format", "idk")
@@ -194,15 +197,7 @@ def suggest(name: str, choices) -> str:
 
 
 def _load_yaml(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise HarnessError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    except OSError as exc:
-        raise HarnessError(f"{path}: cannot read task file: {exc.strerror}") from None
+    doc = read_yaml(path, what="task file")
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -246,11 +241,11 @@ def parse_task(path: Path) -> Task:
     name = doc["task"]
     if not isinstance(name, str) or not name:
         raise HarnessError(f"{path}: field 'task' must be a non-empty string")
+    safe_name(name, f"{path}: field 'task'")
     for req in ("data", "metrics"):
         if not doc.get(req):
             raise HarnessError(f"{path}: task '{name}' is missing required field '{req}'")
-    tags = doc.get("tag") or []
-    tags = [tags] if isinstance(tags, str) else list(tags)
+    tags = _tags(path, doc.get("tag"))
     data, fallbacks = {}, {}
     if not isinstance(doc["data"], dict):
         raise HarnessError(f"{path}: field 'data' must map role names to {{path, name, split}}")
@@ -265,10 +260,7 @@ def parse_task(path: Path) -> Task:
         if fb is not None:
             _check_keys(f"{path}: data.{role}.tiny_fallback", fb, DATA_KEYS)
             fallbacks[role] = DataSpec(str(fb.get("path", spec["path"])), fb.get("name"), fb.get("split", "train"))
-    training = dict(doc.get("training") or {})
-    for k in training:
-        if k not in TRAINING_KEYS:
-            raise HarnessError(f"{path}: training: unknown key '{k}'{suggest(k, TRAINING_KEYS)}")
+    training = _training(path, doc.get("training"))
     train_format = training.pop("format", "qa")
     if train_format not in FORMATS:
         raise HarnessError(f"{path}: training.format: {train_format!r} is not one of {', '.join(FORMATS)}")
@@ -293,24 +285,131 @@ def parse_task(path: Path) -> Task:
         if not splits:
             raise HarnessError(f"{path}: finetune.splits: name at least one split")
         finetune = FinetuneRecipe(str(ft_data["path"]), str(ft_data.get("split", "train")), splits)
-    metrics = []
-    for m in doc["metrics"]:
-        if isinstance(m, str):
-            metrics.append((m, {}))
-        elif isinstance(m, dict) and isinstance(m.get("name"), str):
-            args = {k: v for k, v in m.items() if k != "name"}
-            metrics.append((m["name"], args))
-        else:
-            raise HarnessError(f"{path}: each metrics entry must be a name or {{name: ..., <args>}}, got {m!r}")
-    prompt = doc.get("prompt") or {}
-    if not isinstance(prompt, dict):
-        raise HarnessError(f"{path}: field 'prompt' must map keys (question, answer, ...) to data field names")
-    return Task(name=name, file=path, tag=tags, version=int(doc.get("version", 1)),
-                description=str(doc.get("description", "")), model=doc.get("model"),
-                reference=doc.get("reference"), prompt=dict(prompt), data=data,
-                training=training, metrics=metrics, benchmark=bench, train_format=train_format,
+    return Task(name=name, file=path, tag=tags, version=_version(path, doc.get("version", 1)),
+                description=_optional_str(path, "description", doc.get("description")) or "",
+                model=_optional_str(path, "model", doc.get("model")),
+                reference=_optional_str(path, "reference", doc.get("reference")),
+                prompt=_prompt(path, doc.get("prompt")), data=data,
+                training=training, metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks,
                 report=report, finetune=finetune)
+
+
+# ------------------------------------------------------------------------------ field types
+# Each check names the file and the field; values are kept as written (they enter the run hash).
+
+def _kind(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _tags(path: Path, raw) -> list[str]:
+    if raw is None:
+        return []
+    tags = [raw] if isinstance(raw, str) else raw
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise HarnessError(f"{path}: field 'tag' must be a string or a list of strings, got {raw!r}")
+    for t in tags:  # a tag can name the export files (<TAG>_EVAL.json)
+        safe_name(t, f"{path}: field 'tag'")
+    return list(tags)
+
+
+def _version(path: Path, raw) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise HarnessError(f"{path}: field 'version' must be an integer, got {raw!r} ({_kind(raw)})")
+    return raw
+
+
+def _optional_str(path: Path, key: str, raw) -> str | None:
+    if raw is not None and not isinstance(raw, str):
+        raise HarnessError(f"{path}: field '{key}' must be a string, got {raw!r} ({_kind(raw)})")
+    return raw
+
+
+def _prompt(path: Path, raw) -> dict[str, str]:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: field 'prompt' must map keys (question, answer, ...) to data field names")
+    for k, v in raw.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise HarnessError(f"{path}: prompt.{k} must be a string (a data field name), got {v!r} ({_kind(v)})")
+    return dict(raw)
+
+
+def _metrics(path: Path, raw) -> list[tuple[str, dict]]:
+    if not isinstance(raw, list):
+        raise HarnessError(f"{path}: field 'metrics' must be a list of metric names or {{name: ..., <args>}} maps, "
+                           f"got {_kind(raw)} {raw!r}")
+    metrics = []
+    for m in raw:
+        if isinstance(m, str) and m:
+            metrics.append((m, {}))
+        elif isinstance(m, dict) and isinstance(m.get("name"), str) and m["name"] and all(isinstance(k, str) for k in m):
+            metrics.append((m["name"], {k: v for k, v in m.items() if k != "name"}))
+        else:
+            raise HarnessError(f"{path}: each metrics entry must be a name or {{name: ..., <args>}}, got {m!r}")
+    return metrics
+
+
+def _number(path: Path, key: str, v, *, integer: bool = False, positive: bool = True) -> None:
+    field_ = f"{path}: training.{key}"
+    if isinstance(v, str):
+        hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if "e" in v.lower() and _parses_as_float(v) else ""
+        raise HarnessError(f"{field_} must be a number, got the string {v!r}{hint}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise HarnessError(f"{field_} must be a number, got {v!r} ({_kind(v)})")
+    if not math.isfinite(v):
+        # the wording of run's check of flags and profiles, so every source reads the same
+        raise HarnessError(f"training.{key} must be a finite number, got {v} (from {path})")
+    if integer and v != int(v):
+        raise HarnessError(f"{field_} must be a whole number, got {v}")
+    if positive and v <= 0:
+        raise HarnessError(f"{field_} must be positive, got {v}")
+    if v < 0:
+        raise HarnessError(f"{field_} must not be negative, got {v}")
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _flag(path: Path, key: str, v) -> None:
+    if not isinstance(v, bool):
+        raise HarnessError(f"{path}: training.{key} must be true or false, got {v!r} ({_kind(v)})")
+
+
+def _word(path: Path, key: str, v) -> None:
+    if not isinstance(v, str) or not v:
+        raise HarnessError(f"{path}: training.{key} must be a name (string), got {v!r} ({_kind(v)})")
+
+
+TRAINING_CHECKS = {
+    "lr": lambda p, k, v: _number(p, k, v),
+    "epochs": lambda p, k, v: _number(p, k, v, integer=True),
+    "batch_size": lambda p, k, v: _number(p, k, v, integer=True),
+    "per_device_batch": lambda p, k, v: _number(p, k, v, integer=True),
+    "max_length": lambda p, k, v: _number(p, k, v, integer=True),
+    "warmup_epochs": lambda p, k, v: _number(p, k, v, positive=False),
+    "weight_decay": lambda p, k, v: _number(p, k, v, positive=False),
+    "max_grad_norm": lambda p, k, v: _number(p, k, v, positive=False),  # 0 = no clipping
+    "schedule": _word,
+    "optimizer": _word,
+    "gradient_checkpointing": _flag,
+}
+
+
+def _training(path: Path, raw) -> dict[str, Any]:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: field 'training' must be a mapping of hyper-parameters, got {_kind(raw)} {raw!r}")
+    for k, v in raw.items():
+        if k not in TRAINING_KEYS:
+            raise HarnessError(f"{path}: training: unknown key '{k}'{suggest(k, TRAINING_KEYS)}")
+        TRAINING_CHECKS.get(k, lambda *_: None)(path, k, v)
+    return dict(raw)
 
 
 def task_files(directory: Path) -> list[Path]:
@@ -338,8 +437,12 @@ def select(patterns: str | list[str], items: dict[str, Any], *, kind: str, tags_
             hits += [n for n in items if any(fnmatch.fnmatchcase(t, pat) for t in tags_of(items[n]))]
         if not hits:
             msg = f"unknown {kind} '{pat}'{suggest(pat, items)}; available: {', '.join(sorted(items)) or '(none)'}"
-            if failures:
-                msg += f"; plugins that failed to load: {'; '.join(failures)}"
+            plugins = [f for f in failures or () if not f.startswith(TASK_FILE_FAILURE)]
+            files = [f[len(TASK_FILE_FAILURE):] for f in failures or () if f.startswith(TASK_FILE_FAILURE)]
+            if plugins:
+                msg += f"; plugins that failed to load: {'; '.join(plugins)}"
+            if files:
+                msg += f"; task files that failed to load: {'; '.join(files)}"
             raise HarnessError(msg)
         for n in sorted(set(hits)):
             if n not in out:

@@ -1,6 +1,7 @@
 """Bad input gives one clear error line (file, field or plugin named), a non-zero exit, no traceback unless
 --debug, and leaves finished results alone. Also: YAML only through safe loaders, no eval/exec of config."""
 
+import errno
 import inspect
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 from conftest import ROOT, cheap_task_yaml, run_cli
 
 from harness import HarnessError, plugins
+from harness.io import write_json
 
 # task_dir fills @NAME@ with the file stem
 CHEAP_TASK = cheap_task_yaml("@NAME@", "forget01 with one cheap metric (no generation, no reference), for tests")
@@ -74,12 +76,15 @@ def test_bad_task_yaml_is_one_error_naming_the_file(tmp_path, finished, text, ne
         one_error(rc, err, *needles)
 
 
-def test_bad_task_yaml_fails_even_when_plugins_are_lenient(tmp_path, monkeypatch):
-    # a task file that does not parse is never a silent skip that later reads as "task not found"
+def test_bad_task_yaml_is_never_a_silent_skip_when_plugins_are_lenient(tmp_path, monkeypatch):
+    # lenient: the folder's other tasks stay usable, but selecting the broken one names its file
+    # (never a bare "task not found"); tests/test_hostile.py covers the class
     monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "0")
     d = task_dir(tmp_path, {"broken.yaml": "task: [unclosed\n"})
-    rc, _, err = run_cli("ls", "tasks", "--include-tasks", d, check=False)
-    one_error(rc, err, "broken.yaml")
+    rc, out, _ = run_cli("ls", "tasks", "--include-tasks", d)
+    assert "tofu_forget01" in out
+    rc, _, err = run_cli("run", "-t", "broken", "-m", "npo", "--dry-run", "--include-tasks", d, check=False)
+    one_error(rc, err, "unknown task 'broken'", "task files that failed to load:", "broken.yaml: line 2 invalid YAML")
 
 
 # ---------------------------------------------------------------------------------- data problems
@@ -287,3 +292,158 @@ def test_trust_remote_code_is_off_unless_asked():
         assert parse_options([*verb, "--trust-remote-code"]).trust_remote_code is True
     for p, text in _sources():
         assert not re.search(r"trust_remote_code\s*=\s*True", text), p
+
+
+# Operating-system errors and strict JSON, one class per section (the input classes: tests/test_hostile.py)
+def error_line(rc, err):
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    return lines[0]
+
+
+def strict_json(text: str):
+    def refuse(token):
+        raise AssertionError(f"bare {token} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------------------------- 6. operating system
+def _results(tmp_path):
+    """A tiny finished results tree (what `harness report` reads)."""
+    d = tmp_path / "res" / "tiny_full" / "tofu_forget01" / "npo" / "0123abcd-s0"
+    d.mkdir(parents=True)
+    (d / "scores.json").write_text(json.dumps({"task": "tofu_forget01", "model": "tiny_full", "method": "npo",
+                                               "metrics": {"forget_Q_A_Prob": {"value": 0.5}}}))
+    return tmp_path / "res"
+
+
+IN_THE_WAY = "a file is in the way where a directory is expected"
+
+
+def _file(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("not a directory\n")
+    return f
+
+
+@pytest.mark.parametrize("argv", [
+    lambda res, f: ["report", res, "-o", f / "report.md"],
+    lambda res, f: ["report", res, "--format", "json", "-o", f / "sub" / "report.json"],
+    lambda res, f: ["report", res, "--plot", f / "plot.png"],
+    lambda res, f: ["eval", "-t", "tofu_forget01", "--model", "tiny:full", "--limit", "1", "-o", f],
+], ids=["report_o", "report_json_nested", "plot", "eval_o"])
+def test_file_where_a_directory_is_expected(tmp_path, argv):
+    res, f = _results(tmp_path), _file(tmp_path)
+    rc, _, err = run_cli(*argv(res, f), check=False)
+    line = error_line(rc, err)  # "cannot write" where the harness writes; a raw mkdir elsewhere says less
+    assert line in (f"error: cannot write {f}: {IN_THE_WAY}", f"error: {f}: {IN_THE_WAY}"), line
+
+
+def test_harness_home_is_a_file(tmp_path, monkeypatch):
+    f = _file(tmp_path)
+    monkeypatch.setenv("HARNESS_HOME", str(f / "home"))
+    rc, _, err = run_cli("eval", "-t", "tofu_forget01", "--model", "tiny:full", "--limit", "1",
+                         "-o", tmp_path / "out", check=False)
+    assert error_line(rc, err) == f"error: $HARNESS_HOME: cannot write {f}: a file is in the way where a directory is expected"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: chmod does not stop root from writing (the "
+                    "file-in-the-way cases above cover the same error path)")
+@pytest.mark.parametrize("flag", ["-o", "--plot"])
+def test_read_only_directory(tmp_path, flag):
+    res = _results(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, _, err = run_cli("report", res, flag, ro / "x.png", check=False)
+        assert error_line(rc, err).startswith(f"error: cannot write {ro / 'x.png'}: permission denied")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"),
+                                         (errno.EDQUOT, "disk quota exceeded"),
+                                         (errno.EROFS, "read-only file system")])
+def test_disk_full_keeps_the_old_file_and_says_so(tmp_path, monkeypatch, code, words):
+    res = _results(tmp_path)
+    out = tmp_path / "report.md"
+    out.write_text("earlier report\n")
+
+    def full(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("harness.io.os.fsync", full)
+    rc, _, err = run_cli("report", res, "-o", out, check=False)
+    assert error_line(rc, err) == f"error: cannot write {out}: {words}"
+    assert out.read_text() == "earlier report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "res"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("shell", [False, True], ids=["closed_pipe", "head"])
+def test_closed_stdout_pipe_is_a_quiet_exit(shell):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if shell:
+        r = subprocess.run(f"'{sys.executable}' -m harness ls | head -1", shell=True, capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.stdout.count("\n") == 1
+    else:
+        rd, wr = os.pipe()
+        os.close(rd)  # nobody will read: the first flush hits EPIPE
+        try:
+            r = subprocess.run([sys.executable, "-m", "harness", "ls"], stdout=wr, stderr=subprocess.PIPE,
+                               text=True, timeout=120, env=env)
+        finally:
+            os.close(wr)
+        assert r.returncode == 141
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr and "error" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------ 7. strict JSON
+def _nonfinite(kind):
+    import numpy as np
+    import torch
+
+    return {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "np_nan": np.float64("nan"),
+            "torch_inf": torch.tensor(float("inf"))}[kind]
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "np_nan", "torch_inf"])
+def test_non_finite_metric_values_become_null_with_a_reason(tmp_path, kind):
+    from harness.metrics import Score
+    from harness.report.load import load_runs
+    from harness.scoring.export import write_outputs
+
+    reg = plugins.build_registry(strict=True)
+    task = reg.tasks["tofu_forget01"]
+    bad = _nonfinite(kind)
+    scores = {"forget_Q_A_Prob": Score(bad, per_sample={0: {"prob": bad}, 1: {"prob": 0.25}}),
+              "forget_truth_ratio": Score(0.5, per_sample={0: {"score": bad}}),
+              "privleak": Score(bad, extra={"forget": {"agg_value": bad, "value_by_index": {0: {"score": bad}}}})}
+    out = tmp_path / "res" / "tiny_full" / "tofu_forget01" / "npo" / "0123abcd-s0"
+    write_outputs(out, task, scores, reg, ["forget_Q_A_Prob", "forget_truth_ratio", "privleak"],
+                  model_label="tiny_full", partial=False, settings={}, identity={"method": "npo", "seed": 0})
+    doc = strict_json((out / "scores.json").read_text())
+    expect = {"nan": "nan", "np_nan": "nan", "inf": "inf", "torch_inf": "inf", "-inf": "-inf"}[kind]
+    m = doc["metrics"]["forget_Q_A_Prob"]
+    assert m["value"] is None and m["reason"].startswith(f"{expect}: ")
+    assert doc["metrics"]["forget_truth_ratio"]["value"] == 0.5 and "reason" not in doc["metrics"]["forget_truth_ratio"]
+    ev = strict_json((out / "TOFU_EVAL.json").read_text())
+    assert ev["forget_Q_A_Prob"]["agg_value"] is None
+    assert ev["forget_Q_A_Prob"]["value_by_index"] == {"0": {"prob": None}, "1": {"prob": 0.25}}
+    assert ev["privleak"]["forget"]["value_by_index"]["0"]["score"] is None
+    assert strict_json((out / "TOFU_SUMMARY.json").read_text()) == {
+        "forget_Q_A_Prob": None, "forget_truth_ratio": 0.5, "privleak": None}
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        strict_json(line)
+    run = load_runs(tmp_path / "res")[0]  # the report reads null as n/a
+    assert run.values["forget_Q_A_Prob"] is None and run.values["forget_truth_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("value", [float("nan"), [1.0, float("inf")], {"a": {"b": float("-inf")}}])
+def test_write_json_refuses_bare_nan(tmp_path, value):
+    p = tmp_path / "x.json"
+    with pytest.raises(HarnessError, match="non-finite"):
+        write_json(p, value)
+    assert not p.exists() and not list(tmp_path.iterdir())

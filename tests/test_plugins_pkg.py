@@ -205,6 +205,7 @@ def test_plugin_code_runs_only_from_explicit_sources(tmp_path, monkeypatch, fres
     monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "0")
     run_cli("ls", "plugins")
     run_cli("run", "-t", "tofu_forget01", "-m", "npo", "--dry-run", "-o", tmp_path / "results")
-    rc, _, err = run_cli("ls", "tasks", "--include-tasks", tmp_path / "tasks", check=False)
-    assert rc == 2 and "harness_plugin.py" in err  # an include is read as YAML data, never imported
+    # an include is read as YAML data, never imported (validate: a task file that fails is an error)
+    rc, _, err = run_cli("validate", "--include-tasks", tmp_path / "tasks", check=False)
+    assert rc == 2 and "harness_plugin.py" in err
     assert not marker.exists()

@@ -10,6 +10,7 @@ from harness.io import config_hash
 from harness.models.load import check_checkpoint, load_model, load_tokenizer
 from harness.models.profiles import check_reference_placeholder, device, finalize_template, resolve_model
 from harness.options import EvalOptions, ModelOptions
+from harness.paths import safe_name
 from harness.plugins import get_registry
 from harness.results.rundir import claim, is_complete, write_config
 from harness.results.tables import ARROWS, Sheet, console_value, display_name, to_plain
@@ -24,6 +25,7 @@ def main(opts: EvalOptions) -> int:
 
 def score_tasks(opts: EvalOptions) -> dict[str, Path]:
     """Score the selected tasks; returns each task's run directory (finished now, earlier, or by another process)."""
+    safe_name(opts.name, "--name")
     reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
     names = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
     check_reference_placeholder(opts.reference, len(names))
@@ -48,7 +50,7 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
                   "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
                            "limit": opts.limit, "dtype": dtype, "max_length": opts.max_length,
                            "metric_versions": {n: reg.metrics[n].version for n, _ in task.metrics if n in reg.metrics}}}
-        out = Path(opts.output) / choice.label / task.name / opts.name / f"{config_hash(config)}-s0"
+        out = Path(opts.output) / safe_name(choice.label, "model label") / task.name / opts.name / f"{config_hash(config)}-s0"
         dirs[task.name] = out
         if is_complete(out) and not opts.overwrite:
             print(f"{task.name}: results exist in {out} (use --overwrite to recompute)")

@@ -139,8 +139,11 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
     return cells
 
 
-def run_cell(cell: Cell, opts: RunOptions) -> dict | None:
-    """Unlearn and score one cell; returns the scores dict, or None when another process holds it."""
+def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
+    """Unlearn and score one cell; returns the scores dict, or None when another process holds it.
+
+    ``registry``: the one built with the command's --plugins-dir / --include-tasks (by default the cached
+    one for ``opts``), so a plugin's metric scores the unlearned model as it scored the baseline."""
     import torch
 
     from harness import training
@@ -185,8 +188,10 @@ def run_cell(cell: Cell, opts: RunOptions) -> dict | None:
         meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
                 "seed": cell.seed, "model": choice.label, "harness_version": __version__,
                 "train_seconds": round(time.time() - t0, 1)}
+        if registry is None:
+            registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
         score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
-                   identity=meta, print_table=False)
+                   identity=meta, registry=registry, print_table=False)
         return read_scores(cell.dir)
 
 
@@ -272,7 +277,7 @@ def main(opts: RunOptions) -> int:
             if base:
                 rows.append((cell.task.name, "finetuned (start)", 0, base))
         was_done = is_complete(cell.dir) and not opts.overwrite
-        scores = run_cell(cell, opts)
+        scores = run_cell(cell, opts, reg)
         if was_done:
             log.info("skip %s x %s x seed %d: finished earlier (%s)", cell.task.name, cell.method_name, cell.seed, cell.dir)
         if scores is not None:

@@ -121,10 +121,11 @@ def load_template_file(path: str) -> Template:
 
 
 def _label_for(model: str) -> str:
+    """A results-directory name: safe characters only, and no leading dot (never '..' or hidden)."""
     p = Path(model)
     if p.exists():
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", p.resolve().name) or "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", model)
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", p.resolve().name).lstrip(".") or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", model).lstrip(".") or "model"
 
 
 def resolve_model(model: str | None, task: Task, *, template_file: str | None = None,

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.io import config_hash, file_lock, write_yaml
+from harness.io import config_hash, file_lock, make_dirs, write_yaml
+from harness.paths import safe_name
 
 
 def run_dir(output, model: str, task: str, method: str, config: dict, seed: int) -> Path:
@@ -23,6 +24,8 @@ def run_dir(output, model: str, task: str, method: str, config: dict, seed: int)
     shared = {k: v for k, v in config.items() if k != "seed"}
     if isinstance(shared.get("training"), dict):
         shared["training"] = {k: v for k, v in shared["training"].items() if k != "seed"}
+    for value, what in ((model, "model label"), (task, "task name"), (method, "method name")):
+        safe_name(value, what)  # names from YAML, plugins and flags must not climb out of `output`
     return Path(output) / model / task / method / f"{config_hash(shared)}-s{seed}"
 
 
@@ -48,7 +51,7 @@ def claim(d: Path):
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
-    d.mkdir(parents=True, exist_ok=True)
+    make_dirs(d)  # names a file that is in the way of -o, not only the run directory
     if world > 1 and rank != 0:
         yield True
         return

@@ -276,19 +276,33 @@ class EvalContext:
         self._stack.append(name)
         try:
             result = m.fn(self, **args)
+        except HarnessError:
+            raise
         except TypeError as exc:
             if "unexpected keyword argument" in str(exc):
                 raise HarnessError(f"task '{self.task.name}': metric '{name}': {exc}") from None
-            raise
+            raise self._metric_failed(name, exc) from exc
+        except Exception as exc:  # a metric's bug reads as that metric's, not as a harness crash
+            raise self._metric_failed(name, exc) from exc
         finally:
             self._stack.pop()
         if not isinstance(result, Score):
-            raise HarnessError(f"metric '{name}' returned {type(result).__name__}, expected harness.metrics.Score")
+            raise HarnessError(f"metric '{name}' from plugin '{self._plugin_of(name)}' returned "
+                               f"{type(result).__name__}, expected harness.metrics.Score")
         self._memo[key] = result
         if name not in self.scores:
             self.scores[name] = result
             self.metric_args[name] = dict(args)
         return result
+
+    def _plugin_of(self, name: str) -> str:
+        return getattr(self.registry, "sources", {}).get(("metrics", name), "?")
+
+    def _metric_failed(self, name: str, exc: Exception) -> HarnessError:
+        from harness.plugins import one_line
+
+        return HarnessError(f"task '{self.task.name}': metric '{name}' from plugin '{self._plugin_of(name)}' "
+                            f"failed: {one_line(exc)}")
 
     # ------------------------------------------------------------ reference
     def has_reference(self) -> bool:

@@ -6,19 +6,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.io import write_json, write_jsonl
+from harness.io import finite_or_none, write_json, write_jsonl
 from harness.metrics import Score
+from harness.paths import safe_name
 
 
 def _plain(v):
-    """JSON-safe: numpy scalars to float, NaN kept as in the reference's json.dump."""
+    """JSON-safe: numpy/torch scalars to Python numbers; NaN and infinities to None (strict JSON has no
+    NaN; the reference's json.dump wrote a bare NaN, which most JSON readers refuse)."""
     if hasattr(v, "item") and not isinstance(v, (list, dict)):
-        return v.item()
+        v = v.item()
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
-    return v
+    return finite_or_none(v)[0]
+
+
+def _metric_value(v) -> dict:
+    """scores.json's ``value``, with a ``reason`` when a non-finite number had to become null."""
+    if hasattr(v, "item") and not isinstance(v, (list, dict)):
+        v = v.item()
+    value, kind = finite_or_none(v)
+    if kind is None:
+        return {"value": _plain(value)}
+    return {"value": None, "reason": f"{kind}: the metric's value is not a finite number"}
 
 
 def export_entry(score: Score) -> dict:
@@ -56,14 +68,14 @@ def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: 
                   model_label: str, partial: bool, settings: dict, identity: dict | None = None) -> None:
     """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker)."""
     out_dir = Path(out_dir)
-    bench = task.benchmark
-    write_jsonl(out_dir / "samples.jsonl", sample_rows(scores))
+    bench = safe_name(task.benchmark, f"task '{task.name}' benchmark")
+    write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows(scores)))
     write_json(out_dir / f"{bench}_EVAL.json", eval_log(scores), indent=4, sort_keys=True)
     write_json(out_dir / f"{bench}_SUMMARY.json", summary(scores, top), indent=4, sort_keys=True)
     metrics = {}
     for n, s in scores.items():
         m = registry.metrics.get(n)
-        metrics[n] = {"value": _plain(s.value), "better": getattr(m, "better", None),
+        metrics[n] = {**_metric_value(s.value), "better": getattr(m, "better", None),
                       "version": getattr(m, "version", None), "top_level": n in top}
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
     layout = {"benchmark": task.benchmark}
