@@ -13,6 +13,7 @@ import sys
 from harness import HarnessError, __version__
 from harness.options import (
     ATTENTION_MASKS,
+    LIST_KINDS,
     EvalOptions,
     FinetuneOptions,
     ListOptions,
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser, argument_default=argparse.SUPPRESS)
 
     p = sub.add_parser("ls", help="list tasks, methods, metrics, models, plugins")
-    p.add_argument("what", nargs="?", choices=["all", "tasks", "methods", "metrics", "models", "plugins"])
+    # no argparse choices: with a suppressed default, Python 3.11 checks the default against them
+    p.add_argument("what", nargs="?", metavar="{" + ",".join(LIST_KINDS) + "}")
     p.add_argument("pattern", nargs="?")
     _common(p)
 
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     except OSError as exc:
-        if args.debug:
+        if opts.debug:
             raise
         from harness.io import os_error_message
 

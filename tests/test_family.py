@@ -34,7 +34,7 @@ report:
 TASKS = {"_base.yaml": BASE,
          "mini_a.yaml": "task: mini_a\ninclude: _base.yaml\nreport: {split: first}\n",
          "mini_b.yaml": "task: mini_b\ninclude: _base.yaml\nreport: {split: second}\n"}
-TRAIN = ["--epochs", "1", "--lr", "1e-3", "--batch-size", "2", "--per-device-batch", "2", "--optimizer", "adamw_torch"]
+TRAIN = ["--epochs", "1", "--lr", "1e-3", "--train-batch-size", "2", "--per-device-batch", "2", "--optimizer", "adamw_torch"]
 
 
 def family_dir(tmp_path, files=TASKS):
@@ -92,9 +92,8 @@ def test_yaml_only_family_trains_scores_and_gets_its_own_report_table(tmp_path):
     ("data:\n  retain: {path: x/y, tiny_fallback: {nme: a}}\n", "tiny_fallback: unknown key 'nme'"),
 ])
 def test_unknown_key_in_the_new_blocks_is_one_line_naming_the_file(tmp_path, fragment, needle):
-    base = BASE.split("report:")[0] + "metrics: [forget_Q_A_Prob]\n"
-    d = family_dir(tmp_path, {"bad.yaml": "task: bad\n" + base.replace("training: {format: corpus, max_length: 256}\n", "")
-                              + fragment})
+    # the fragment is merged over the family's base by include: (a repeated key in one file is an error)
+    d = family_dir(tmp_path, {"_base.yaml": BASE, "bad.yaml": "task: bad\ninclude: _base.yaml\n" + fragment})
     rc, _, err = run_cli("ls", "tasks", "--include-tasks", d, check=False)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err

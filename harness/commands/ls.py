@@ -8,6 +8,7 @@ import fnmatch
 from harness import HarnessError
 from harness.methods import literal_choices, reference_of
 from harness.models.profiles import get_profiles
+from harness.options import LIST_KINDS, ListOptions
 from harness.plugins import build_registry, get_registry
 from harness.results.tables import Sheet, to_plain
 
@@ -64,7 +65,9 @@ def render(what: str, pattern: str, reg) -> str:
     return "\n".join(out)
 
 
-def main(opts) -> int:
+def main(opts: ListOptions) -> int:
+    if opts.what not in LIST_KINDS:
+        raise HarnessError(f"harness ls {opts.what}: choose one of {', '.join(LIST_KINDS)}")
     if opts.verb == "ls":
         reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
         print(render(opts.what, opts.pattern, reg), end="")
