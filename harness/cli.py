@@ -83,6 +83,9 @@ def to_options(args: argparse.Namespace):
     opts = cls(**given)
     if isinstance(opts, ListOptions):
         opts.verb = args.verb
+    validate = getattr(opts, "validate", None)
+    if validate is not None:  # every flag value is checked here, before any work starts
+        validate()
     return opts
 
 
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--data-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint that --output already holds")
     _common(p)
 
     p = sub.add_parser("report", help="tables in the published layout, comparison and plots")

@@ -3,11 +3,52 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import HarnessError
 
 EVAL_BATCH_SIZE = 32  # scoring batch (the reference evaluator's)
 LIST_KINDS = ("all", "tasks", "methods", "metrics", "models", "plugins")  # what `harness ls` lists
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
+
+
+def _positive(flag: str, value, *, integer: bool = False, key: str | None = None) -> None:
+    """``None`` (not given) passes. ``key``: the training field the flag sets, named as the training config
+    names it when the value is not finite."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        what = f"training.{key}" if key else flag
+        raise HarnessError(f"{what} must be a finite number, got {value} (from {flag})")
+    if integer and float(value) != int(value):
+        raise HarnessError(f"{flag} must be a whole number, got {value}")
+    if value <= 0:
+        raise HarnessError(f"{flag} must be positive, got {value}")
+
+
+def _non_negative(flag: str, value) -> None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise HarnessError(f"{flag} must be a finite number >= 0, got {value}")
+
+
+def items(flag: str, text: str) -> list[str]:
+    """A comma separated flag value as a non-empty list without duplicates."""
+    out = [x.strip() for x in str(text).split(",")]
+    if not any(out):
+        raise HarnessError(f"{flag} {text!r}: give at least one name")
+    if "" in out:
+        raise HarnessError(f"{flag} {text!r}: empty item (stray comma)")
+    dups = sorted({x for x in out if out.count(x) > 1})
+    if dups:
+        raise HarnessError(f"{flag} {text!r}: {', '.join(dups)} given more than once")
+    return out
+
+
+def _data_dir(value: str | None) -> None:
+    if value is not None and not Path(value).expanduser().is_dir():
+        raise HarnessError(f"--data-dir {value}: no such directory")
 
 
 @dataclass
@@ -29,6 +70,16 @@ class ModelOptions:
     attention_mask: str = "reference"
     limit: int | None = None
 
+    def validate(self) -> None:
+        """Checks of the values alone (no file is read but for existence), before any work starts."""
+        _positive("--max-length", self.max_length, integer=True)
+        _positive("--limit", self.limit, integer=True)
+        if self.attention_mask not in ATTENTION_MASKS:
+            raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
+        _data_dir(self.data_dir)
+        if self.template is not None and not Path(self.template).expanduser().is_file():
+            raise HarnessError(f"--template {self.template}: file not found")
+
 
 @dataclass
 class EvalOptions(Common, ModelOptions):
@@ -38,6 +89,11 @@ class EvalOptions(Common, ModelOptions):
     retain_model: bool = False
     eval_batch_size: int = EVAL_BATCH_SIZE
     overwrite: bool = False
+
+    def validate(self) -> None:
+        ModelOptions.validate(self)
+        items("--tasks", self.tasks)
+        _positive("--eval-batch-size", self.eval_batch_size, integer=True)
 
 
 @dataclass
@@ -60,6 +116,25 @@ class RunOptions(Common, ModelOptions):
     dry_run: bool = False
     overwrite: bool = False
     shard: str | None = None
+
+    def validate(self) -> None:
+        ModelOptions.validate(self)
+        items("--tasks", self.tasks)
+        items("--methods", self.methods)
+        try:
+            seeds = [int(s) for s in items("--seeds", self.seeds)]
+        except ValueError:
+            raise HarnessError(f"--seeds {self.seeds!r}: expected comma separated integers") from None
+        if len(set(seeds)) != len(seeds):  # 1,01
+            raise HarnessError(f"--seeds {self.seeds!r}: a seed is given more than once")
+        _positive("--epochs", self.epochs, integer=True, key="epochs")
+        _positive("--lr", self.lr, key="lr")
+        _positive("--train-batch-size", self.train_batch_size, integer=True)
+        _positive("--per-device-batch", self.per_device_batch, integer=True)
+        _positive("--eval-batch-size", self.eval_batch_size, integer=True)
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in items("--seeds", self.seeds)]
 
     def baseline(self, task: str, name: str = "finetuned") -> EvalOptions:
         """The eval of the start model (the Finetuned row) with this run's model and scoring options."""
@@ -88,6 +163,19 @@ class FinetuneOptions(Common):
     trust_remote_code: bool = False
     data_dir: str | None = None
     max_length: int = 512
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _positive("--epochs", self.epochs, integer=True)
+        _positive("--lr", self.lr)
+        _positive("--train-batch-size", self.train_batch_size, integer=True)
+        _positive("--per-device-batch", self.per_device_batch, integer=True)
+        _positive("--max-length", self.max_length, integer=True)
+        _non_negative("--warmup-epochs", self.warmup_epochs)
+        _non_negative("--weight-decay", self.weight_decay)
+        _data_dir(self.data_dir)
+        if self.template is not None and not Path(self.template).expanduser().is_file():
+            raise HarnessError(f"--template {self.template}: file not found")
 
 
 @dataclass

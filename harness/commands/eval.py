@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness import SCORING_VERSION, HarnessError
 from harness.io import config_hash
 from harness.models.load import check_checkpoint, load_model, load_tokenizer
 from harness.models.profiles import check_reference_placeholder, device, finalize_template, resolve_model
 from harness.options import EvalOptions, ModelOptions
 from harness.paths import safe_name
 from harness.plugins import get_registry
-from harness.results.rundir import claim, is_complete, write_config
+from harness.results.rundir import claim, is_complete, replacing, write_config
 from harness.results.tables import ARROWS, Sheet, console_value, display_name, to_plain
 from harness.scoring.evaluate import evaluate_task, score_rows, template_dict
 from harness.tasks import select
@@ -29,12 +30,16 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
     reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
     names = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
     check_reference_placeholder(opts.reference, len(names))
-    loaded: dict[tuple, tuple] = {}
-    dirs: dict[str, Path] = {}
-    for tname in names:
+    plan = []
+    for tname in names:  # every input of every task is checked before the first model is loaded
         task = reg.tasks[tname]
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference,
                                retain=opts.retain_model)
+        check_inputs(task, choice, opts.data_dir, reg)
+        plan.append((task, choice, identity_config(task, choice, reg, opts.data_dir)))
+    loaded: dict[tuple, tuple] = {}
+    dirs: dict[str, Path] = {}
+    for task, choice, fingerprints in plan:
         key = (choice.start, choice.tokenizer, choice.dtype)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
@@ -48,24 +53,127 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
         template = finalize_template(choice, tok)
         config = {"task": task.to_config(), "model": choice.to_config(), "template": template_dict(template),
                   "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
-                           "limit": opts.limit, "dtype": dtype, "max_length": opts.max_length,
-                           "metric_versions": {n: reg.metrics[n].version for n, _ in task.metrics if n in reg.metrics}}}
+                           "limit": opts.limit, "dtype": dtype, "max_length": opts.max_length},
+                  "fingerprints": fingerprints}
         out = Path(opts.output) / safe_name(choice.label, "model label") / task.name / opts.name / f"{config_hash(config)}-s0"
         dirs[task.name] = out
         if is_complete(out) and not opts.overwrite:
-            print(f"{task.name}: results exist in {out} (use --overwrite to recompute)")
-            _print_existing(out)
+            _report_existing(task.name, out)
             continue
         with claim(out) as mine:
             if not mine:
                 print(f"{task.name}: another process is scoring {out}; skipped")
                 continue
-            write_config(out, config)
-            identity = {"method": opts.name, "method_display": display_name(opts.name), "seed": 0}
-            score_model(task, model, tok, template, choice, opts, out_dir=out, dtype=dtype, identity=identity,
-                       registry=reg)
+            if is_complete(out) and not opts.overwrite:  # finished meanwhile, or restored by the claim
+                _report_existing(task.name, out)
+                continue
+            with replacing(out, opts.overwrite):
+                write_config(out, config)
+                identity = {"method": opts.name, "method_display": display_name(opts.name), "seed": 0}
+                score_model(task, model, tok, template, choice, opts, out_dir=out, dtype=dtype, identity=identity,
+                            registry=reg)
             print(f"results: {out}")
     return dirs
+
+
+def check_inputs(task, choice, data_dir, registry) -> None:
+    """The checks of a task's inputs that need no model: its metrics, its data (``--data-dir``) and a
+    reference log."""
+    from harness.data.splits import check_data_dir
+    from harness.scoring.reference import check_reference
+    from harness.tasks import suggest
+
+    for name, _ in task.metrics:
+        if name not in registry.metrics:
+            raise HarnessError(f"task '{task.name}' ({task.file}): unknown metric '{name}'"
+                               f"{suggest(name, registry.metrics)}; see `harness ls metrics`")
+    check_data_dir(data_specs(task, choice, data_dir), data_dir, what=f"task '{task.name}'")
+    check_reference(choice.reference, task)
+
+
+def data_specs(task, choice, data_dir) -> dict:
+    """The splits a run of ``task`` on ``choice`` reads (with the tiny MUSE retain fallback applied)."""
+    from harness.data import corpus as muse
+
+    if muse.is_muse(task):
+        return muse.run_data_specs(task, data_dir, tiny=muse.is_tiny_model(choice.start))
+    return dict(task.data)
+
+
+def identity_config(task, choice, registry, data_dir) -> dict:
+    """What, besides the settings, changes a run's numbers: the content of every local input (checkpoint,
+    tokenizer, template file, reference, data files), the versions of the metrics it computes and the
+    harness's scoring version. Part of the run hash of ``harness run`` and ``harness eval`` alike."""
+    from harness.data.splits import data_fingerprints
+
+    return {"scoring_version": SCORING_VERSION, "metrics": metric_versions(task, registry),
+            **choice.fingerprints(task.benchmark), "data": data_fingerprints(data_specs(task, choice, data_dir),
+                                                                            data_dir)}
+
+
+def metric_versions(task, registry) -> dict[str, int]:
+    """Versions of the task's metrics and of the metrics they compute on the way. A metric names its
+    dependencies as strings (``ctx.score("forget_truth_ratio")``) in its code, its closure or module
+    tables it reads (``UTILITY_PARTS``), and tasks may pass metric names as arguments: any such string
+    that is a registered metric counts (an extra one only makes the identity stricter)."""
+    known = registry.metrics
+    todo = [n for n, _ in task.metrics] + [v for _, args in task.metrics for v in _strings(args)]
+    seen: dict[str, int] = {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in known:
+            continue
+        m = known[name]
+        seen[name] = m.version
+        todo += [v for v in _code_strings(m.fn) if v in known]
+    return dict(sorted(seen.items()))
+
+
+def _strings(v) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, dict):
+        return [s for x in v.values() for s in _strings(x)]
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [s for x in v for s in _strings(x)]
+    return []
+
+
+def _code_strings(fn, seen: set | None = None) -> list[str]:
+    """String constants of ``fn``, its closure, the module globals it reads and (recursively) the
+    helper functions of its own module that it calls."""
+    seen = set() if seen is None else seen
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return []
+    seen.add(code)
+    glob = getattr(fn, "__globals__", {})
+    out = []
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        for k in c.co_consts:
+            if hasattr(k, "co_consts"):
+                stack.append(k)
+            else:
+                out += _strings(k)
+        for n in c.co_names:
+            v = glob.get(n)
+            if callable(v) and getattr(v, "__module__", None) == getattr(fn, "__module__", None):
+                out += _code_strings(v, seen)
+            else:
+                out += _strings(v)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out += _strings(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return out
+
+
+def _report_existing(name: str, out: Path) -> None:
+    print(f"{name}: results exist in {out} (use --overwrite to recompute)")
+    _print_existing(out)
 
 
 def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *, out_dir: Path, dtype: str,

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from harness import HarnessError
 from harness.data.encode import Template, encode_qa
-from harness.data.splits import load_split
+from harness.data.splits import check_data_dir, load_split
 from harness.io import write_yaml
 from harness.models.load import load_model, load_tokenizer
 from harness.models.profiles import resolve_base_model
 from harness.options import FinetuneOptions
 from harness.plugins import get_registry
+from harness.results.rundir import recover, replacing
 from harness.tasks import Task, select, suggest
 from harness.training import TrainConfig, config_dict, distributed, finetune
 
@@ -69,6 +70,14 @@ def main(opts: FinetuneOptions) -> int:
             return rc
     split = opts.split or "full"
     task = recipe_task(opts)
+    out = Path(opts.output)
+    if out.is_dir():
+        recover(out, done=finished)  # a killed --overwrite of this directory left the old checkpoint aside
+    if is_checkpoint(out) and not opts.overwrite:
+        raise HarnessError(f"--output {out} already holds a checkpoint; pass --overwrite to replace it "
+                           "(it is kept until the new one is saved) or choose another directory")
+    spec = task.finetune.spec(split)
+    check_data_dir({"train": spec}, opts.data_dir, what=f"finetune --split {split}")
     cfg = finetune_config(opts)
     choice = resolve_base_model(opts.model, opts.template)
     tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
@@ -77,7 +86,6 @@ def main(opts: FinetuneOptions) -> int:
         if not getattr(tok, "chat_template", None):
             raise HarnessError(f"model '{opts.model}' has no chat template: pass --template FILE")
         template = Template(apply_chat_template=True)
-    spec = task.finetune.spec(split)
     q, a = task.field_name("question"), task.field_name("answer")
     rows = load_split(spec, opts.data_dir)
     if rows and (q not in rows[0] or a not in rows[0]):
@@ -85,11 +93,25 @@ def main(opts: FinetuneOptions) -> int:
                            f"(fields: {', '.join(rows[0])}); fix prompt.question/prompt.answer")
     items = [encode_qa(tok, template, r[q], r[a], max_length=cfg.max_length) for r in rows]
     model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
-    out = Path(opts.output)
-    result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
-    if distributed.is_main_process():
-        write_yaml(out / "finetune.yaml", {"model": opts.model, "split": split, "data": spec.label(), "rows": len(items),
-                                           "template": template.to_dict(), "dtype": choice.dtype,
-                                           "training": config_dict(cfg), "plan": result.info})
-        print(f"finetuned {opts.model} on {task.benchmark} {split} ({len(items)} rows) -> {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    with replacing(out, opts.overwrite, done=finished):
+        result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
+        if distributed.is_main_process():
+            # written last: marks the checkpoint finished (and lets --overwrite drop the old one)
+            write_yaml(out / FINISHED, {"model": opts.model, "split": split, "data": spec.label(), "rows": len(items),
+                                        "template": template.to_dict(), "dtype": choice.dtype,
+                                        "training": config_dict(cfg), "plan": result.info})
+            print(f"finetuned {opts.model} on {task.benchmark} {split} ({len(items)} rows) -> {out}")
     return 0
+
+
+FINISHED = "finetune.yaml"
+
+
+def is_checkpoint(d: Path) -> bool:
+    return (d / "config.json").is_file()
+
+
+def finished(d: Path) -> bool:
+    """A checkpoint ``harness finetune`` completed, or one from elsewhere (``--overwrite`` replaces either)."""
+    return is_checkpoint(d) and ((d / FINISHED).is_file() or not (d / "train_log.jsonl").exists())

@@ -18,7 +18,7 @@ from harness.methods import build_method
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
 from harness.options import RunOptions
 from harness.plugins import get_registry, one_line
-from harness.results.rundir import claim, is_complete, run_dir, write_config
+from harness.results.rundir import claim, is_complete, replacing, run_dir, write_config
 from harness.results.tables import Sheet, console_value, to_console
 from harness.tasks import Task, select
 from harness.training.distributed import is_main_process
@@ -107,6 +107,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
         raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
+    from harness.commands.eval import check_inputs, identity_config
     from harness.data.corpus import is_tiny_model, resolve_task_data
 
     cells = []
@@ -116,6 +117,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         # Everything that chooses data (profile substitutions, tiny fallback, hub vs bundled vs --data-dir)
         # is decided here, before the hash: training and scoring then read exactly these sources.
         task, sources = resolve_task_data(choice.apply(task), opts.data_dir, tiny=is_tiny_model(choice.start))
+        check_inputs(task, choice, opts.data_dir, reg)
+        fingerprints = identity_config(task, choice, reg, opts.data_dir)
         for mname in methods:
             cls = reg.methods[mname]
             plugin = reg.sources.get(("methods", mname), "?")
@@ -133,7 +136,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                           "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
                                    "max_length": opts.max_length},
                           "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
-                          "data_sources": sources}
+                          "data_sources": sources, "fingerprints": fingerprints}
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
                 cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
     return cells
@@ -141,9 +144,21 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
 
 def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
     """Unlearn and score one cell; returns the scores dict, or None when another process holds it.
+    With ``--overwrite`` the finished result stays in the cell (``replacing``) until the new one is scored.
 
     ``registry``: the one built with the command's --plugins-dir / --include-tasks (by default the cached
     one for ``opts``), so a plugin's metric scores the unlearned model as it scored the baseline."""
+    with claim(cell.dir) as mine:
+        if not mine:
+            log.warning("skip %s: another process is running it", cell.dir)
+            return None
+        if is_complete(cell.dir) and not opts.overwrite:
+            return read_scores(cell.dir)
+        with replacing(cell.dir, opts.overwrite):
+            return _unlearn_and_score(cell, opts, registry)
+
+
+def _unlearn_and_score(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
     import torch
 
     from harness import training
@@ -153,46 +168,40 @@ def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
     from harness.models.profiles import finalize_template
     from harness.plugins import guard_method
 
-    with claim(cell.dir) as mine:
-        if not mine:
-            log.warning("skip %s: another process is running it", cell.dir)
-            return None
-        if is_complete(cell.dir) and not opts.overwrite:
-            return read_scores(cell.dir)
-        t0 = time.time()
-        task, choice = cell.task, cell.choice
-        tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
-        template = finalize_template(choice, tok)
-        torch.manual_seed(cell.seed)
-        model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
-        check_checkpoint(model, tok, choice.start)
-        cfg = training.TrainConfig(**cell.train)
-        forget, forget_rows = training_items(task, tok, template, "forget", opts.data_dir, opts.limit, cfg.max_length)
-        retain, _ = training_items(task, tok, template, "retain", opts.data_dir, opts.limit, cfg.max_length)
-        for role, items in (("forget", forget), ("retain", retain)):
-            check_lengths(model, [len(it["input_ids"]) for it in items], choice.start,
-                          what=f"task '{task.name}' data role '{role}'")
-        idk = None
-        if getattr(cell.method, "uses_idk", False):
-            idk = idk_items(task, tok, template, forget_rows, opts.data_dir, cfg.max_length)
-        write_config(cell.dir, cell.config, {"plan": training.plan(cfg, len(forget), 1)})
-        log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
-                 task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
-        result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
-                                  retain, cfg, idk_items=idk, out_dir=cell.dir,
-                                  cache_reference=not opts.no_cache_reference,
-                                  save_dir=cell.dir / "model" if opts.save_model else None)
-        write_config(cell.dir, cell.config, {"plan": result.info})
-        if not is_main_process():
-            return None
-        meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
-                "seed": cell.seed, "model": choice.label, "harness_version": __version__,
-                "train_seconds": round(time.time() - t0, 1)}
-        if registry is None:
-            registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
-        score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
-                   identity=meta, registry=registry, print_table=False)
-        return read_scores(cell.dir)
+    t0 = time.time()
+    task, choice = cell.task, cell.choice
+    tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
+    template = finalize_template(choice, tok)
+    torch.manual_seed(cell.seed)
+    model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
+    check_checkpoint(model, tok, choice.start)
+    cfg = training.TrainConfig(**cell.train)
+    forget, forget_rows = training_items(task, tok, template, "forget", opts.data_dir, opts.limit, cfg.max_length)
+    retain, _ = training_items(task, tok, template, "retain", opts.data_dir, opts.limit, cfg.max_length)
+    for role, items in (("forget", forget), ("retain", retain)):
+        check_lengths(model, [len(it["input_ids"]) for it in items], choice.start,
+                      what=f"task '{task.name}' data role '{role}'")
+    idk = None
+    if getattr(cell.method, "uses_idk", False):
+        idk = idk_items(task, tok, template, forget_rows, opts.data_dir, cfg.max_length)
+    write_config(cell.dir, cell.config, {"plan": training.plan(cfg, len(forget), 1)})
+    log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
+             task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
+    result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
+                              retain, cfg, idk_items=idk, out_dir=cell.dir,
+                              cache_reference=not opts.no_cache_reference,
+                              save_dir=cell.dir / "model" if opts.save_model else None)
+    write_config(cell.dir, cell.config, {"plan": result.info})
+    if not is_main_process():
+        return None
+    meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
+            "seed": cell.seed, "model": choice.label, "harness_version": __version__,
+            "train_seconds": round(time.time() - t0, 1)}
+    if registry is None:
+        registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+    score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
+               identity=meta, registry=registry, print_table=False)
+    return read_scores(cell.dir)
 
 
 def read_scores(d: Path) -> dict:
@@ -241,21 +250,8 @@ def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     return to_console(sheet)
 
 
-def main(opts: RunOptions) -> int:
-    from harness.training import distributed
-
-    reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
-    cells = expand(opts, reg)
-    shard = parse_shard(opts.shard)
-    if shard:
-        cells = [c for i, c in enumerate(cells) if i % shard[1] == shard[0]]
-    if opts.dry_run:
-        print_grid(cells)
-        return 0
-    if opts.accelerate and opts.accelerate != "single":
-        rc = distributed.relaunch(sys.argv[1:], opts.accelerate)
-        if rc != -1:
-            return rc
+def check_grid_data(cells: list[Cell], opts: RunOptions) -> None:
+    """Fail before any model work when a task's data is missing offline or cannot train."""
     from harness.data import corpus
     from harness.data.items import check_data
 
@@ -266,6 +262,24 @@ def main(opts: RunOptions) -> int:
             raise err
         corpus.announce_fallbacks(task, sources)
         check_data(task, opts.data_dir, opts.limit, start)
+
+
+def main(opts: RunOptions) -> int:
+    from harness.training import distributed
+
+    reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+    cells = expand(opts, reg)
+    shard = parse_shard(opts.shard)
+    if shard:
+        cells = [c for i, c in enumerate(cells) if i % shard[1] == shard[0]]
+    check_grid_data(cells, opts)  # --dry-run too: a dry run that passes means the run will start
+    if opts.dry_run:
+        print_grid(cells)
+        return 0
+    if opts.accelerate and opts.accelerate != "single":
+        rc = distributed.relaunch(sys.argv[1:], opts.accelerate)
+        if rc != -1:
+            return rc
     for note in dict.fromkeys(c.choice.note for c in cells if c.choice.note):
         log.warning(note)
     rows = []
@@ -280,6 +294,10 @@ def main(opts: RunOptions) -> int:
         scores = run_cell(cell, opts, reg)
         if was_done:
             log.info("skip %s x %s x seed %d: finished earlier (%s)", cell.task.name, cell.method_name, cell.seed, cell.dir)
+            if opts.save_model and not (cell.dir / "model").is_dir():
+                log.warning("--save-model: %s x %s x seed %d finished earlier without a saved model, so none was "
+                            "saved; pass --overwrite to retrain it and save the model", cell.task.name,
+                            cell.method_name, cell.seed)
         if scores is not None:
             rows.append((cell.task.name, cell.method_name, cell.seed, scores))
     if rows and is_main_process():

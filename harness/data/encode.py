@@ -15,6 +15,7 @@ from harness import HarnessError
 from harness.options import ATTENTION_MASKS
 
 IGNORE = -100
+TAGS = ("user_start_tag", "user_end_tag", "asst_start_tag", "asst_end_tag")
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,31 @@ class Template:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, source: str = "template") -> Template:
-        d = dict(d or {})
+        """``None``: the default (no template given). A given template must be complete: either
+        ``apply_chat_template: true`` or all four tags (an empty string is a valid tag, a missing key is
+        not: it would silently render prompts without the model's turn markers)."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise HarnessError(f"{source}: expected a mapping of template_args keys, got {type(d).__name__}")
+        if not d:
+            raise HarnessError(f"{source}: the template is empty; set apply_chat_template: true or the tags "
+                               f"{', '.join(TAGS)}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise HarnessError(f"{source}: unknown template key(s) {unknown}; valid: {sorted(names)}")
-        return cls(**d)
+        if not isinstance(d.get("apply_chat_template", False), bool):
+            raise HarnessError(f"{source}: apply_chat_template must be true or false, "
+                               f"got {d['apply_chat_template']!r}")
+        for k, v in d.items():
+            if k != "apply_chat_template" and v is not None and not isinstance(v, str):
+                raise HarnessError(f"{source}: {k} must be a string, got {v!r}")
+        missing = [t for t in TAGS if t not in d]
+        if not d.get("apply_chat_template") and missing:
+            raise HarnessError(f"{source}: missing template key(s) {', '.join(missing)} (use \"\" for an empty "
+                               "tag), or set apply_chat_template: true to use the tokenizer's chat template")
+        return cls(**{k: ("" if v is None and k in TAGS else v) for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

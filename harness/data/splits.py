@@ -112,8 +112,64 @@ def _load_resolved(spec: ResolvedSpec, data_dir: str | None) -> tuple[dict, ...]
     return tuple(_rows_from_file(path, spec))
 
 
+def data_dir_file(spec: DataSpec, data_dir) -> Path | None:
+    """The file of ``spec`` in ``--data-dir`` (never the bundled copy), or None."""
+    if not data_dir:
+        return None
+    return next((c for c in _candidates(Path(data_dir), spec) if c.is_file()), None)
+
+
+def _expected(root: Path, spec: DataSpec) -> Path:
+    # the layout messages suggest: TOFU's flat <name>.jsonl, MUSE's <subset>/<split>.jsonl
+    c = _candidates(root, spec)
+    return c[-1] if spec.split == "train" else c[0]
+
+
+def source_file(spec: DataSpec, data_dir=None) -> Path | None:
+    """The local file a load of ``spec`` reads (None: the hub). Mirrors ``_load``'s order."""
+    own = data_dir_file(spec, data_dir)
+    if own is not None:
+        return own
+    return None if hub.hub_available() else local_path(spec, data_dir)
+
+
+def check_data_dir(specs: dict[str, DataSpec], data_dir, *, what: str) -> None:
+    """An explicit ``--data-dir`` must exist and supply at least one of ``specs``; each split it does not
+    hold comes from the hub or the bundled copy, and a notice names it (never a silent substitution).
+    ``what`` names the consumer in messages (e.g. "task 'tofu_forget01'")."""
+    if not data_dir:
+        return
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise HarnessError(f"--data-dir {data_dir}: no such directory")
+    own = {role: data_dir_file(spec, root) for role, spec in specs.items()}
+    if specs and not any(own.values()):
+        expected = sorted({str(_expected(root, spec)) for spec in specs.values()})
+        shown = ", ".join(expected[:4]) + (f" and {len(expected) - 4} more" if len(expected) > 4 else "")
+        raise HarnessError(f"--data-dir {data_dir} holds none of the splits {what} reads (expected e.g. {shown})")
+    elsewhere = [f"{role} ({_expected(root, spec).relative_to(root)})" for role, spec in specs.items()
+                 if own[role] is None]
+    if elsewhere:
+        where = "the hub" if hub.hub_available() else "the bundled copies"
+        notice_once(f"data-dir-missing:{root}:{what}",
+                    f"--data-dir {data_dir} holds no file for {what} data role(s) {', '.join(elsewhere)}: "
+                    f"using {where} of those splits")
+
+
+def data_fingerprints(specs: dict[str, DataSpec], data_dir=None) -> dict[str, str]:
+    """role -> content fingerprint of the file it reads (``hub:<label>`` for a hub split)."""
+    from harness.fingerprint import fingerprint
+
+    out = {}
+    for role, spec in sorted(specs.items()):
+        f = source_file(spec, data_dir)
+        out[role] = fingerprint(f) if f is not None else f"hub:{spec.label()}"
+    return out
+
+
 @lru_cache(maxsize=64)
-def _load(spec: DataSpec, data_dir: str | None) -> tuple[dict, ...]:
+def _load(spec: DataSpec, data_dir: str | None, stamp: tuple | None = None) -> tuple[dict, ...]:
+    # ``stamp`` (size, mtime_ns of the --data-dir file) keys the cache: a file rewritten in place is reread
     if isinstance(spec, ResolvedSpec):
         return _load_resolved(spec, data_dir)
     if data_dir:
@@ -137,7 +193,9 @@ def _load(spec: DataSpec, data_dir: str | None) -> tuple[dict, ...]:
 
 def load_split(spec: DataSpec, data_dir: str | Path | None = None) -> list[dict]:
     """Rows of one split (a fresh list of the cached rows; do not mutate the dicts)."""
-    return list(_load(spec, str(data_dir) if data_dir else None))
+    own = data_dir_file(spec, data_dir)
+    stamp = (own.stat().st_size, own.stat().st_mtime_ns) if own is not None else None
+    return list(_load(spec, str(data_dir) if data_dir else None, stamp))
 
 
 def missing_splits(specs: dict[str, DataSpec], data_dir=None) -> list[str]:

@@ -67,14 +67,31 @@ def load_model(name_or_dir: str, *, dtype: str = "float32", trust_remote_code: b
         raise HarnessError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
     name = _checked(name_or_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]),
-                                                     trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]),
+            trust_remote_code=trust_remote_code, output_loading_info=True)
     except Exception as exc:
         raise _explain(name, exc) from None
+    check_weights(model, info, name)
     if device is not None:
         model.to(device)
     model.eval()
     return model
+
+
+def check_weights(model, info: dict, name: str) -> None:
+    """Weights the checkpoint does not hold would be randomly initialised and scored as if trained.
+    Tied weights (lm_head = embed_tokens) are not reported missing by transformers; keys an
+    architecture declares optional (``_keys_to_ignore_on_load_missing``) are legitimately absent."""
+    import re
+
+    optional = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = sorted(k for k in (info or {}).get("missing_keys") or () if not any(p.search(k) for p in optional))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise HarnessError(f"{name}: the checkpoint's weights do not cover the model: {len(missing)} tensor(s) "
+                           f"missing ({shown}); they would be scored with random values. Is the checkpoint "
+                           "complete (all weight shards) and of this architecture?")
 
 
 def context_length(model) -> int | None:

@@ -67,6 +67,17 @@ class ModelChoice:
     family: str | None = None
     data: dict = field(default_factory=dict)  # unlearning data the profile substitutes (role -> DataSpec)
     note: str | None = None                   # why it does so, said once per run
+    template_file: str | None = None          # --template, fingerprinted with the run
+
+    def fingerprints(self, benchmark: str) -> dict:
+        """Content fingerprints of the local inputs this choice names (part of every run identity):
+        a checkpoint rewritten in place at the same path, or another reference log, is another run."""
+        fp = {"start": input_fingerprint(self.start),
+              "tokenizer": input_fingerprint(self.tokenizer),
+              "reference": input_fingerprint(self.reference, benchmark=benchmark) if self.reference else None}
+        if self.template_file:
+            fp["template_file"] = input_fingerprint(self.template_file)
+        return fp
 
     def to_config(self) -> dict:
         return {"label": self.label, "start": self.start, "tokenizer": self.tokenizer, "dtype": self.dtype,
@@ -113,10 +124,12 @@ def load_template_file(path: str) -> Template:
     p = Path(path)
     if not p.is_file():
         raise HarnessError(f"--template {path}: file not found")
-    doc = read_yaml(p) or {}
-    if not isinstance(doc, dict):
+    doc = read_yaml(p)
+    if not isinstance(doc, dict) and doc is not None:
         raise HarnessError(f"--template {path}: must be a mapping of template_args keys")
-    doc = doc.get("template_args", doc)
+    doc = doc or {}
+    if "template_args" in doc:
+        doc = doc["template_args"] or {}
     return Template.from_dict(doc, source=f"--template {path}")
 
 
@@ -154,12 +167,12 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                            template=template or prof.template, dtype=prof.dtype,
                            reference=format_reference(ref, task) if ref else None,
                            training={**prof.training, **(entry.get("training") or {})}, profile=model,
-                           data=_entry_data(model, task, entry), note=entry.get("note"))
+                           data=_entry_data(model, task, entry), note=entry.get("note"), template_file=template_file)
     if model.startswith("tiny:"):
         return ModelChoice(label=model.replace(":", "_"), start=model, tokenizer=model,
                            template=template or get_profiles()["tiny"].template, dtype="float32",
                            reference=format_reference(reference, task) if reference else task.reference,
-                           training=dict(profiles["tiny"].training))
+                           training=dict(profiles["tiny"].training), template_file=template_file)
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().exists():
         raise HarnessError(f"--model {model}: no such directory")
@@ -182,7 +195,7 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
     return ModelChoice(label=_label_for(model), start=str(Path(model).expanduser()) if looks_local else model,
                        tokenizer=str(Path(model).expanduser()) if looks_local else model,
                        template=template, dtype="bfloat16" if not looks_local else "auto",
-                       reference=ref, family=family)
+                       reference=ref, family=family, template_file=template_file)
 
 
 def checkpoint_template(directory: Path) -> Template | None:
@@ -272,6 +285,29 @@ def check_reference_family(choice: ModelChoice, tokenizer) -> bool:
     if differs and choice.family == choice.reference:
         choice.reference = None
     return differs
+
+
+def input_fingerprint(name: str, *, benchmark: str | None = None) -> str:
+    """What identifies a model, tokenizer, template or reference by content: a local file or directory
+    hashes its bytes (a directory reference holding logs hashes the log it is read from); ``tiny:<kind>``
+    its deterministic build (size, recipe and kind, so ``--dry-run`` builds nothing); a hub id its name."""
+    name = str(name)
+    if name.startswith("tiny:"):
+        from harness.models.tiny import KINDS, root
+
+        kind = name.split(":", 1)[1]
+        recipe = getattr(KINDS.get(kind), "recipe_version", None)
+        return f"tiny:{root().name}/{kind}" + (f"@{recipe}" if recipe is not None else "")
+    from harness.fingerprint import fingerprint
+
+    p = Path(name).expanduser()
+    if p.is_dir() and benchmark and not (p / "config.json").is_file():
+        for log_name in (f"{benchmark}_EVAL.json", f"{benchmark}_SUMMARY.json"):
+            if (p / log_name).is_file():
+                return fingerprint(p / log_name)
+    if p.exists():
+        return fingerprint(p)
+    return f"id:{name}"
 
 
 def checkpoint_path(name: str) -> str:

@@ -106,7 +106,9 @@ def load_runs(results: Path, model: str | None = None) -> list[RunScores]:
         raise HarnessError(
             f"results folder {results} does not exist; pass the -o/--output folder of `harness run`"
         )
-    runs = [_read_scores(p) for p in sorted(results.rglob("scores.json"))]
+    # hidden folders are not results (e.g. the .previous/ copy an --overwrite keeps until it finishes)
+    runs = [_read_scores(p) for p in sorted(results.rglob("scores.json"))
+            if not any(part.startswith(".") for part in p.relative_to(results).parts[:-1])]
     if not runs:
         raise HarnessError(f"no scores.json under {results}; run `harness run ... -o {results}` first")
     if model:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from harness import __version__
@@ -46,9 +49,8 @@ def claim(d: Path):
 
     Under a multi-process launch the ranks of one job work on the same cell together: only rank 0
     locks, and it waits for the lock instead of skipping, so every rank takes the same decision.
+    Once held, a result that a killed ``--overwrite`` had moved aside is put back (``recover``).
     """
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     make_dirs(d)  # names a file that is in the way of -o, not only the run directory
@@ -59,8 +61,76 @@ def claim(d: Path):
         if held:
             # temp files of a process killed mid-write (SIGKILL) are garbage once we hold the lock
             for stale in d.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+            recover(d)
         yield held
+
+
+# --overwrite keeps the finished result inside the cell until the new one is finished. States, each
+# recoverable after a kill: MOVING (old files being moved aside: all of them are old), ASIDE (the cell
+# holds only the new run's files), RESTORING (new files deleted, old ones being moved back).
+MOVING, ASIDE, RESTORING = ".previous.tmp", ".previous", ".previous.restoring"
+_KEEP = (".lock", MOVING, ASIDE, RESTORING)
+
+
+def _move_all(src: Path, d: Path) -> None:
+    for f in sorted(src.iterdir()):
+        os.replace(f, d / f.name)
+    src.rmdir()
+
+
+def _remove(f: Path) -> None:
+    if f.is_dir() and not f.is_symlink():
+        shutil.rmtree(f)
+    else:
+        f.unlink(missing_ok=True)
+
+
+def _restore(d: Path) -> None:
+    for f in d.iterdir():
+        if f.name not in _KEEP:
+            _remove(f)
+    os.replace(d / ASIDE, d / RESTORING)
+    _move_all(d / RESTORING, d)
+
+
+def recover(d: Path, done: Callable[[Path], bool] = is_complete) -> None:
+    """Finish what a killed ``--overwrite`` left: the old result comes back unless the new one finished."""
+    d = Path(d)
+    if (d / MOVING).is_dir():
+        _move_all(d / MOVING, d)
+    if (d / RESTORING).is_dir():
+        _move_all(d / RESTORING, d)
+    if (d / ASIDE).is_dir():
+        if done(d):
+            shutil.rmtree(d / ASIDE)
+        else:
+            _restore(d)
+
+
+@contextlib.contextmanager
+def replacing(d: Path, overwrite: bool, done: Callable[[Path], bool] = is_complete):
+    """Around the work that rewrites a finished run ``d`` (hold its ``claim``): with ``overwrite`` the old
+    files move to ``d/.previous/`` first (``scores.json`` first, so ``d`` never reads as finished with
+    mixed files) and come back when the new run does not finish (error, Ctrl-C); they are deleted only
+    once ``done(d)`` holds for the new run. Without ``overwrite`` or a finished run it does nothing."""
+    d = Path(d)
+    if not (overwrite and done(d)) or int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    moving = d / MOVING
+    moving.mkdir()
+    for f in sorted((f for f in d.iterdir() if f.name not in _KEEP), key=lambda f: f.name != "scores.json"):
+        os.replace(f, moving / f.name)
+    os.replace(moving, d / ASIDE)
+    try:
+        yield
+    finally:
+        if done(d):
+            shutil.rmtree(d / ASIDE)
+        else:
+            _restore(d)
 
 
 def provenance() -> dict:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import HarnessError, __version__
+from harness import SCORING_VERSION, HarnessError
+from harness.fingerprint import fingerprint
 from harness.io import config_hash, write_json
 from harness.paths import bundled_dir, harness_home
 from harness.scoring.context import EvalContext
@@ -63,19 +66,28 @@ class RetainReference:
         return e
 
     def per_sample(self, key: str, field_name: str = "score") -> list[float]:
-        """``value_by_index[*][field_name]`` of entry ``key`` in index order (for the KS test)."""
+        """``value_by_index[*][field_name]`` of entry ``key`` in index order (for the KS test).
+
+        A log must cover the rows this run scored (with ``--limit``, at least those; without it, exactly
+        the split's rows): a log of another split or a truncated one would give a wrong p-value silently."""
         e = self.entry(key)
         vbi = e.get("value_by_index")
+        where = f"reference {self.kind} {self.path or self.origin}"
         if not vbi:
-            raise HarnessError(f"reference {self.kind} {self.path or self.origin}: '{key}' has no per-sample "
-                               f"values (value_by_index); forget_quality needs the retain model's *_EVAL.json, "
-                               f"not a summary")
+            raise HarnessError(f"{where}: '{key}' has no per-sample values (value_by_index); forget_quality "
+                               "needs the retain model's *_EVAL.json, not a summary")
         out = []
         for idx in sorted(vbi, key=int):
             v = vbi[idx]
             v = v.get(field_name) if isinstance(v, dict) else v
-            if v is not None:
-                out.append(float(v))
+            out.append(_number(v, f"{where}: '{key}' value_by_index[{idx}].{field_name}"))
+        own = self._ctx.scores.get(key) if (self.kind == "log" and self._ctx is not None) else None
+        if own is not None and own.per_sample:
+            mine, theirs = {int(i) for i in own.per_sample}, {int(i) for i in vbi}
+            if not mine <= theirs or (self._ctx.limit is None and mine != theirs):
+                raise HarnessError(f"{where}: '{key}' has {len(theirs)} samples but task '{self._ctx.task.name}' "
+                                   f"scored {len(mine)} rows{' (--limit)' if self._ctx.limit else ''}: the log is "
+                                   "of another split or incomplete; pass the *_EVAL.json of this task's retain model")
         return out
 
     def auc(self, key: str = "mia_min_k") -> float:
@@ -83,7 +95,7 @@ class RetainReference:
         v = e.get("auc", e.get("agg_value"))
         if v is None:
             raise HarnessError(f"reference {self.kind} {self.path or self.origin}: '{key}' has no auc/agg_value")
-        return float(v)
+        return _number(v, f"reference {self.kind} {self.path or self.origin}: '{key}' auc")
 
     # ---------------------------------------------------------------- model references
     def load_model(self):
@@ -122,8 +134,48 @@ def _dtype_name(model) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32")
 
 
-def load_log(path: Path, origin: str | None = None) -> RetainReference:
+_LOG_NAME = re.compile(r"^(?P<bench>[A-Za-z0-9]+)_(EVAL|SUMMARY)\.json$")
+
+
+def _number(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise HarnessError(f"{where}: expected a number, got {json.dumps(v)[:40]}")
+    if not math.isfinite(v):
+        raise HarnessError(f"{where}: expected a finite number, got {v}")
+    return float(v)
+
+
+def _check_values(path: Path, doc: dict) -> None:
+    """Every number in the log is a finite number (``null`` is rejected only where a value is used)."""
+    for key, e in doc.items():
+        if not isinstance(e, dict):
+            if e is not None:
+                _number(e, f"reference log {path}: '{key}'")
+            continue
+        for f in ("agg_value", "auc"):
+            if e.get(f) is not None:
+                _number(e[f], f"reference log {path}: '{key}' {f}")
+        vbi = e.get("value_by_index")
+        if vbi is None:
+            continue
+        if not isinstance(vbi, dict):
+            raise HarnessError(f"reference log {path}: '{key}' value_by_index must map row indices to values")
+        for idx, v in vbi.items():
+            if not str(idx).isdigit():
+                raise HarnessError(f"reference log {path}: '{key}' value_by_index has a non-integer index {idx!r}")
+            for name, x in (v.items() if isinstance(v, dict) else [("value", v)]):
+                # open-unlearning logs keep texts (generation, ground_truth) next to the scores
+                if x is not None and (name in ("score", "value") or not isinstance(x, (list, dict, str))):
+                    _number(x, f"reference log {path}: '{key}' value_by_index[{idx}].{name}")
+
+
+def load_log(path: Path, origin: str | None = None, *, benchmark: str | None = None) -> RetainReference:
+    """Read and check a reference log; ``benchmark``: the task's (a log named for another is an error)."""
     path = Path(path)
+    m = _LOG_NAME.match(path.name)
+    if benchmark and m and m["bench"] != benchmark:
+        raise HarnessError(f"reference log {path} is a {m['bench']} log but the task is a {benchmark} task; "
+                           f"pass the {benchmark}_EVAL.json of the task's retain model")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -132,8 +184,33 @@ def load_log(path: Path, origin: str | None = None) -> RetainReference:
         raise HarnessError(f"reference log {path}: invalid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise HarnessError(f"reference log {path}: expected a JSON object of metric entries")
+    _check_values(path, doc)
     is_summary = path.name.endswith("_SUMMARY.json") or all(not isinstance(v, dict) for v in doc.values())
     return RetainReference(origin=origin or str(path), kind="summary" if is_summary else "log", logs=doc, path=path)
+
+
+def reference_log_file(spec: str, benchmark: str) -> Path | None:
+    """The log file a reference string names (a file, or a directory holding ``<BENCH>_EVAL.json`` /
+    ``<BENCH>_SUMMARY.json``); None for a model reference."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir() and not (p / "config.json").is_file():
+        for name in (f"{benchmark}_EVAL.json", f"{benchmark}_SUMMARY.json"):
+            if (p / name).is_file():
+                return p / name
+    return None
+
+
+def check_reference(spec: str | None, task) -> None:
+    """Before any work: a log reference must read, fit the task's benchmark and hold finite numbers."""
+    if not spec:
+        return
+    f = reference_log_file(str(spec), task.benchmark)
+    if f is not None:
+        load_log(f, str(spec), benchmark=task.benchmark)
+    elif str(spec).endswith(".json") and not Path(spec).expanduser().exists():
+        raise HarnessError(f"--reference {spec}: file not found")
 
 
 def resolve_reference(spec, ctx) -> RetainReference:
@@ -144,15 +221,15 @@ def resolve_reference(spec, ctx) -> RetainReference:
         return spec
     s = str(spec)
     p = Path(s).expanduser()
-    if p.is_file():
-        return load_log(p, s)
+    bench = ctx.task.benchmark
+    log_file = reference_log_file(s, bench)
+    if log_file is not None:
+        ref = load_log(log_file, s, benchmark=bench)
+        ref._ctx = ctx  # per_sample() compares the log's rows with the rows this context scored
+        return ref
     if p.is_dir():
         if (p / "config.json").is_file():
             return _model_reference(s, str(p), ctx)
-        bench = ctx.task.benchmark
-        for name in (f"{bench}_EVAL.json", f"{bench}_SUMMARY.json"):
-            if (p / name).is_file():
-                return load_log(p / name, s)
         raise HarnessError(f"--reference {s}: directory holds neither a model (config.json) nor "
                            f"{bench}_EVAL.json / {bench}_SUMMARY.json")
     if s.endswith(".json"):
@@ -190,7 +267,7 @@ def reference_cache_key(model_path: str, ctx) -> str:
         tmpl = vars(tmpl) if tmpl is not None else None
     cfg = {"model": model_content_hash(model_path), "task": ctx.task.to_config(), "template": tmpl,
            "tokenizer": tokenizer_fingerprint(ctx.tokenizer), "attention_mask": ctx.attention_mask,
-           "limit": ctx.limit, "dtype": ctx._reference_options.get("dtype"), "harness": __version__,
+           "limit": ctx.limit, "dtype": ctx._reference_options.get("dtype"), "scoring_version": SCORING_VERSION,
            "metric_versions": {n: m.version for n, m in sorted(reg.metrics.items())}}
     return config_hash(cfg, n=16)
 
@@ -203,38 +280,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def model_content_hash(path: str) -> str:
-    """sha256 over a model directory's files (a hub id hashes as its name).
-
-    Per-file digests are cached by (path, size, mtime) so a 16 GB checkpoint is read once.
-    """
+    """Content fingerprint of a model directory (a hub id is identified by its name)."""
     p = Path(path)
     if not p.is_dir():
         return "id:" + str(path)
-    index_file = harness_home() / "references" / "file_hashes.json"
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
-        index = {}
-    h = hashlib.sha256()
-    changed = False
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
-        st = f.stat()
-        k = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        d = index.get(k)
-        if d is None:
-            fh = hashlib.sha256()
-            with open(f, "rb") as src:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    fh.update(block)
-            d = index[k] = fh.hexdigest()
-            changed = True
-        h.update(f"{f.relative_to(p)}\0{d}\n".encode())
-    if changed:
-        try:
-            write_json(index_file, index)
-        except OSError:
-            pass  # a read-only cache only costs a rehash next time
-    return h.hexdigest()
+    return fingerprint(p)
 
 
 def bundled_log(name: str) -> Path:
