@@ -14,8 +14,8 @@ import yaml
 from conftest import ROOT, cheap_task_yaml, run_cli
 
 from harness import plugins
-from harness.commands.run import format_value
 from harness.results.rundir import ASIDE, claim, is_complete, recover
+from harness.results.tables import console_value as format_value
 
 TASK = cheap_task_yaml("t7_id", "forget01 with one cheap metric, for the identity tests")
 TRAIN = ["--limit", "2", "--epochs", "1", "--train-batch-size", "2", "--per-device-batch", "2"]
