@@ -92,12 +92,10 @@ def check_inputs(task, choice, data_dir, registry) -> None:
 
 
 def data_specs(task, choice, data_dir) -> dict:
-    """The splits a run of ``task`` on ``choice`` reads (with the tiny MUSE retain fallback applied)."""
-    from harness.data import corpus as muse
+    """The splits a run of ``task`` on ``choice`` reads (with a task's tiny fallbacks applied)."""
+    from harness.data import corpus
 
-    if muse.is_muse(task):
-        return muse.run_data_specs(task, data_dir, tiny=muse.is_tiny_model(choice.start))
-    return dict(task.data)
+    return corpus.run_data_specs(task, data_dir, tiny=corpus.is_tiny_model(choice.start))
 
 
 def identity_config(task, choice, registry, data_dir) -> dict:
