@@ -412,6 +412,6 @@ def test_metric_that_raises_is_named_with_its_plugin(tmp_path, tiny_full_dir, n,
     model, tok = load_model(str(tiny_full_dir)), load_tokenizer(str(tiny_full_dir))
     with pytest.raises(HarnessError) as exc:
         evaluate_task(reg.tasks["tofu_forget01"], model, tok, TINY_TEMPLATE, limit=2, registry=reg,
-                      metrics=["mine_boom"], progress=False, print_table=False)
+                      metrics=["mine_boom"], progress=False)
     msg = str(exc.value)
     assert f"metric 'mine_boom' from plugin 'plugs/boom{n}.py'" in msg and needle in msg and "\n" not in msg

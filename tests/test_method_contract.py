@@ -337,8 +337,9 @@ def test_batch_is_exactly_what_training_hands_the_method(tok, data):
 def test_encode_items_and_frozen_reference(tok, tmp_path, tiny_full_dir):
     from harness.data.encode import Template
 
-    tmpl = Template(user_start_tag="Question: ", user_end_tag="\n", asst_start_tag="Answer: ")
-    (tmp_path / "t.yaml").write_text('user_start_tag: "Question: "\nuser_end_tag: "\\n"\nasst_start_tag: "Answer: "\n')
+    tmpl = Template(user_start_tag="Question: ", user_end_tag="\n", asst_start_tag="Answer: ", asst_end_tag="")
+    (tmp_path / "t.yaml").write_text('user_start_tag: "Question: "\nuser_end_tag: "\\n"\nasst_start_tag: "Answer: "\n'
+                                     'asst_end_tag: ""\n')
     pairs = [("Who wrote X?", "Y did."), {"question": "Where?", "answer": "Here."}]
     items = encode_items(tok, pairs, tmpl)
     assert items == encode_items(tok, pairs, tmp_path / "t.yaml")

@@ -50,9 +50,10 @@ def test_a_flag_without_a_field_is_refused():
         to_options(args)
 
 
-def test_baseline_eval_keeps_the_run_scoring_options():
+def test_baseline_eval_keeps_the_run_scoring_options(tmp_path):
+    d = str(tmp_path)
     run = parse_options(["run", "-t", "a", "-m", "b", "--limit", "3", "--eval-batch-size", "5",
-                         "--attention-mask", "corrected", "--data-dir", "d", "-o", "out"])
+                         "--attention-mask", "corrected", "--data-dir", d, "-o", "out"])
     base = run.baseline("a")
     assert (base.tasks, base.name, base.limit, base.eval_batch_size, base.attention_mask, base.data_dir,
-            base.output) == ("a", "finetuned", 3, 5, "corrected", "d", "out")
+            base.output) == ("a", "finetuned", 3, 5, "corrected", d, "out")

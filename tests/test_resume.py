@@ -110,7 +110,7 @@ def test_runner_skips_a_cell_another_process_holds(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ kill and resume
 def _cmd(tasks, out):
     return [sys.executable, "-m", "harness", "run", "-t", "t7_resume", "-m", ",".join(METHODS), "--model", "tiny:full",
-            "--include-tasks", str(tasks), "-o", str(out), "--limit", "4", "--epochs", "1", "--batch-size", "2",
+            "--include-tasks", str(tasks), "-o", str(out), "--limit", "4", "--epochs", "1", "--train-batch-size", "2",
             "--per-device-batch", "2", "--eval-batch-size", "8"]
 
 
