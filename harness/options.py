@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from harness import HarnessError
 
@@ -46,11 +45,6 @@ def items(flag: str, text: str) -> list[str]:
     return out
 
 
-def _data_dir(value: str | None) -> None:
-    if value is not None and not Path(value).expanduser().is_dir():
-        raise HarnessError(f"--data-dir {value}: no such directory")
-
-
 @dataclass
 class Common:
     include_tasks: list[str] = field(default_factory=list)
@@ -71,14 +65,11 @@ class ModelOptions:
     limit: int | None = None
 
     def validate(self) -> None:
-        """Checks of the values alone (no file is read but for existence), before any work starts."""
+        """Checks of the values alone, before any work starts (files: the commands' input checks)."""
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
-        _data_dir(self.data_dir)
-        if self.template is not None and not Path(self.template).expanduser().is_file():
-            raise HarnessError(f"--template {self.template}: file not found")
 
 
 @dataclass
@@ -173,9 +164,6 @@ class FinetuneOptions(Common):
         _positive("--max-length", self.max_length, integer=True)
         _non_negative("--warmup-epochs", self.warmup_epochs)
         _non_negative("--weight-decay", self.weight_decay)
-        _data_dir(self.data_dir)
-        if self.template is not None and not Path(self.template).expanduser().is_file():
-            raise HarnessError(f"--template {self.template}: file not found")
 
 
 @dataclass

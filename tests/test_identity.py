@@ -15,7 +15,7 @@ from conftest import ROOT, cheap_task_yaml, run_cli
 
 from harness import plugins
 from harness.results.rundir import ASIDE, claim, is_complete, recover
-from harness.results.tables import console_value as format_value
+from harness.results.tables import console_value
 
 TASK = cheap_task_yaml("t7_id", "forget01 with one cheap metric, for the identity tests")
 TRAIN = ["--limit", "2", "--epochs", "1", "--train-batch-size", "2", "--per-device-batch", "2"]
@@ -150,7 +150,7 @@ def test_run_baseline_on_other_data_is_rescored(env):
     (d1, d2) = sorted(runs(env, "tiny_full", "finetuned"), key=lambda d: d.stat().st_mtime_ns)
     assert value(d1) != value(d2)
     (row,) = [ln for ln in out.splitlines() if "finetuned (start)" in ln]
-    assert re.search(rf"\| {re.escape(format_value(value(d2)))} +\|", row), row
+    assert re.search(rf"\| {re.escape(console_value(value(d2)))} +\|", row), row
 
 
 def test_dry_run_builds_no_tiny_model_and_names_the_directory_a_run_uses(env, monkeypatch):

@@ -69,7 +69,8 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
                 continue
             with replacing(out, opts.overwrite):
                 write_config(out, config)
-                identity = {"method": opts.name, "method_display": display_name(opts.name), "seed": 0}
+                identity = {"method": opts.name, "method_display": display_name(opts.name),
+                            "seed": 0}
                 score_model(task, model, tok, template, choice, opts, out_dir=out, dtype=dtype, identity=identity,
                             registry=reg)
             print(f"results: {out}")
@@ -92,7 +93,7 @@ def check_inputs(task, choice, data_dir, registry) -> None:
 
 
 def data_specs(task, choice, data_dir) -> dict:
-    """The splits a run of ``task`` on ``choice`` reads (with a task's tiny fallbacks applied)."""
+    """The splits a run of ``task`` on ``choice`` reads (a declared tiny fallback applied)."""
     from harness.data import corpus
 
     return corpus.run_data_specs(task, data_dir, tiny=corpus.is_tiny_model(choice.start))

@@ -70,15 +70,14 @@ def main(opts: FinetuneOptions) -> int:
             return rc
     split = opts.split or "full"
     task = recipe_task(opts)
+    cfg = finetune_config(opts)
     out = Path(opts.output)
     if out.is_dir():
         recover(out, done=finished)  # a killed --overwrite of this directory left the old checkpoint aside
     if is_checkpoint(out) and not opts.overwrite:
         raise HarnessError(f"--output {out} already holds a checkpoint; pass --overwrite to replace it "
                            "(it is kept until the new one is saved) or choose another directory")
-    spec = task.finetune.spec(split)
-    check_data_dir({"train": spec}, opts.data_dir, what=f"finetune --split {split}")
-    cfg = finetune_config(opts)
+    check_data_dir({"train": task.finetune.spec(split)}, opts.data_dir, what=f"finetune --split {split}")
     choice = resolve_base_model(opts.model, opts.template)
     tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
     template = choice.template
@@ -86,6 +85,7 @@ def main(opts: FinetuneOptions) -> int:
         if not getattr(tok, "chat_template", None):
             raise HarnessError(f"model '{opts.model}' has no chat template: pass --template FILE")
         template = Template(apply_chat_template=True)
+    spec = task.finetune.spec(split)
     q, a = task.field_name("question"), task.field_name("answer")
     rows = load_split(spec, opts.data_dir)
     if rows and (q not in rows[0] or a not in rows[0]):
@@ -98,8 +98,8 @@ def main(opts: FinetuneOptions) -> int:
         result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
         if distributed.is_main_process():
             # written last: marks the checkpoint finished (and lets --overwrite drop the old one)
-            write_yaml(out / FINISHED, {"model": opts.model, "split": split, "data": spec.label(), "rows": len(items),
-                                        "template": template.to_dict(), "dtype": choice.dtype,
+            write_yaml(out / FINISHED, {"model": opts.model, "split": split, "data": spec.label(),
+                                        "rows": len(items), "template": template.to_dict(), "dtype": choice.dtype,
                                         "training": config_dict(cfg), "plan": result.info})
             print(f"finetuned {opts.model} on {task.benchmark} {split} ({len(items)} rows) -> {out}")
     return 0

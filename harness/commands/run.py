@@ -158,7 +158,7 @@ def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
             return _unlearn_and_score(cell, opts, registry)
 
 
-def _unlearn_and_score(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
+def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     import torch
 
     from harness import training
@@ -200,7 +200,7 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry=None) -> dict | No
     if registry is None:
         registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
     score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
-               identity=meta, registry=registry, print_table=False)
+                identity=meta, registry=registry, print_table=False)
     return read_scores(cell.dir)
 
 

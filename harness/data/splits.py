@@ -112,11 +112,15 @@ def _load_resolved(spec: ResolvedSpec, data_dir: str | None) -> tuple[dict, ...]
     return tuple(_rows_from_file(path, spec))
 
 
-def data_dir_file(spec: DataSpec, data_dir) -> Path | None:
-    """The file of ``spec`` in ``--data-dir`` (never the bundled copy), or None."""
-    if not data_dir:
-        return None
-    return next((c for c in _candidates(Path(data_dir), spec) if c.is_file()), None)
+def source_file(spec: DataSpec, data_dir=None) -> Path | None:
+    """The local file a load of ``spec`` reads (None: the hub, or nowhere)."""
+    source = spec.source if isinstance(spec, ResolvedSpec) else resolve_source(spec, data_dir)
+    kind, _, rel = (source or "").partition(":")
+    if kind == "data_dir" and data_dir:
+        return Path(data_dir) / rel
+    if kind == "bundled":
+        return bundled_dir() / rel
+    return None
 
 
 def _expected(root: Path, spec: DataSpec) -> Path:
@@ -125,24 +129,16 @@ def _expected(root: Path, spec: DataSpec) -> Path:
     return c[-1] if spec.split == "train" else c[0]
 
 
-def source_file(spec: DataSpec, data_dir=None) -> Path | None:
-    """The local file a load of ``spec`` reads (None: the hub). Mirrors ``_load``'s order."""
-    own = data_dir_file(spec, data_dir)
-    if own is not None:
-        return own
-    return None if hub.hub_available() else local_path(spec, data_dir)
-
-
 def check_data_dir(specs: dict[str, DataSpec], data_dir, *, what: str) -> None:
     """An explicit ``--data-dir`` must exist and supply at least one of ``specs``; each split it does not
-    hold comes from the hub or the bundled copy, and a notice names it (never a silent substitution).
+    hold comes from the hub or the bundled copy, and one notice names them (never a silent substitution).
     ``what`` names the consumer in messages (e.g. "task 'tofu_forget01'")."""
     if not data_dir:
         return
     root = Path(data_dir)
     if not root.is_dir():
         raise HarnessError(f"--data-dir {data_dir}: no such directory")
-    own = {role: data_dir_file(spec, root) for role, spec in specs.items()}
+    own = {role: _data_dir_path(spec, root) for role, spec in specs.items()}
     if specs and not any(own.values()):
         expected = sorted({str(_expected(root, spec)) for spec in specs.values()})
         shown = ", ".join(expected[:4]) + (f" and {len(expected) - 4} more" if len(expected) > 4 else "")
@@ -163,7 +159,7 @@ def data_fingerprints(specs: dict[str, DataSpec], data_dir=None) -> dict[str, st
     out = {}
     for role, spec in sorted(specs.items()):
         f = source_file(spec, data_dir)
-        out[role] = fingerprint(f) if f is not None else f"hub:{spec.label()}"
+        out[role] = fingerprint(f) if f is not None and f.is_file() else f"hub:{spec.label()}"
     return out
 
 
@@ -193,9 +189,9 @@ def _load(spec: DataSpec, data_dir: str | None, stamp: tuple | None = None) -> t
 
 def load_split(spec: DataSpec, data_dir: str | Path | None = None) -> list[dict]:
     """Rows of one split (a fresh list of the cached rows; do not mutate the dicts)."""
-    own = data_dir_file(spec, data_dir)
-    stamp = (own.stat().st_size, own.stat().st_mtime_ns) if own is not None else None
-    return list(_load(spec, str(data_dir) if data_dir else None, stamp))
+    own = _data_dir_path(spec, data_dir)
+    st = own.stat() if own is not None else None
+    return list(_load(spec, str(data_dir) if data_dir else None, (st.st_size, st.st_mtime_ns) if st else None))
 
 
 def missing_splits(specs: dict[str, DataSpec], data_dir=None) -> list[str]:
