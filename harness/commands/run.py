@@ -107,8 +107,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
         raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
-    from harness.commands.eval import check_inputs, identity_config
     from harness.data.corpus import is_tiny_model, resolve_task_data
+    from harness.results.identity import check_inputs, identity_config
 
     cells = []
     for tname in tasks:
