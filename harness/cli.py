@@ -17,8 +17,12 @@ from harness.options import (
     EvalOptions,
     FinetuneOptions,
     ListOptions,
+    LAUNCHERS,
+    SLURM_TIME,
+    UTILITY_FRACTION,
     ReportOptions,
     RunOptions,
+    StatusOptions,
 )
 
 
@@ -64,7 +68,7 @@ def _eval_batch_arg(p: argparse.ArgumentParser, *, alias: bool = False) -> None:
 
 
 OPTIONS = {"run": RunOptions, "eval": EvalOptions, "finetune": FinetuneOptions, "ls": ListOptions,
-           "validate": ListOptions, "report": ReportOptions}
+           "validate": ListOptions, "report": ReportOptions, "status": StatusOptions}
 
 
 def parse_options(argv: list[str]):
@@ -109,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="unlearn and score: task x method x seed")
     p.add_argument("-t", "--tasks", required=True, help="names, fnmatch patterns or tags, comma separated")
     p.add_argument("-m", "--methods", required=True, help="method names, comma separated")
-    p.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="method hyper-parameter override (repeatable)")
+    p.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE",
+                   help="method hyper-parameter override (repeatable); a comma list sweeps it: npo.beta=0.05,0.1")
     p.add_argument("--seeds", help="comma separated seeds")
     p.add_argument("-o", "--output")
     p.add_argument("--accelerate", metavar="single|ddp|zero3|FILE", help="re-launch under accelerate with a bundled or given config")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", metavar="N[,N...]", help="training epochs; a comma list sweeps them")
+    p.add_argument("--lr", metavar="X[,X...]", help="learning rate; a comma list sweeps it: 1e-5,2e-5,5e-5")
+    p.add_argument("--sweep", metavar="FILE.yaml", help="sweep file: lr / epochs / METHOD.FIELD -> list of values")
     _batch_args(p)
     p.add_argument("--per-device-batch", type=int)
     _eval_batch_arg(p)
@@ -125,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the expanded grid with resolved configs and exit")
     p.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
     p.add_argument("--shard", metavar="i/n", help="run only cells i, i+n, ... of the grid (0-based)")
+    p.add_argument("--cell", action="append", metavar="MODEL/TASK/METHOD/HASH-sSEED",
+                   help="run only this cell of the grid (repeatable; what a --launcher job runs)")
+    p.add_argument("--launcher", metavar="|".join(LAUNCHERS),
+                   help="submit the cells as a submitit job array: slurm, or local (same path on this machine)")
+    p.add_argument("--slurm-partition", metavar="NAME")
+    p.add_argument("--slurm-gpus-per-node", type=int, metavar="N")
+    p.add_argument("--slurm-time", metavar="TIME", help=f"time limit per cell, Slurm syntax (default {SLURM_TIME})")
+    p.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="at most N cells running at once")
+    p.add_argument("--slurm-setup", action="append", metavar="LINE",
+                   help="shell line run before each job, e.g. 'source venv/bin/activate' (repeatable)")
     _model_args(p)
     _common(p)
 
@@ -170,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="only this model's results")
     p.add_argument("--timing", action="store_true",
                    help="also print the wall time of each run (training + scoring seconds, from scores.json)")
+    p.add_argument("--best", metavar="METRIC",
+                   help="sweeps: pick each method's best point by METRIC (default: forget_quality / forget_verbmem_ROUGE)")
+    p.add_argument("--utility-fraction", type=float, metavar="F",
+                   help=f"sweeps: only points keeping >= F x the Finetuned row's utility (default {UTILITY_FRACTION})")
+    p.add_argument("--export", metavar="FILE.csv|FILE.json", help="sweeps: write the best-point table to FILE")
+    _common(p)
+
+    p = sub.add_parser("status", help="cells of a results folder: done / running / failed / missing")
+    p.add_argument("results", nargs="?")
     _common(p)
     return ap
 

@@ -10,6 +10,10 @@ from harness import HarnessError
 
 EVAL_BATCH_SIZE = 32  # scoring batch (the reference evaluator's)
 LIST_KINDS = ("all", "tasks", "methods", "metrics", "models", "plugins")  # what `harness ls` lists
+LAUNCHERS = ("local", "slurm")  # --launcher: submitit's LocalExecutor or SlurmExecutor
+SLURM_TIME = "4:00:00"
+# the sweep selection keeps points whose utility is at least this fraction of the Finetuned row's
+UTILITY_FRACTION = 0.9  # --slurm-time default (per array task)
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
 
 
@@ -43,6 +47,54 @@ def items(flag: str, text: str) -> list[str]:
     if dups:
         raise HarnessError(f"{flag} {text!r}: {', '.join(dups)} given more than once")
     return out
+
+
+def numbers(flag: str, value, *, integer: bool = False, key: str | None = None) -> list[float] | None:
+    """A numeric flag that may sweep: ``5e-4`` or ``1e-5,2e-5,5e-5`` -> [floats], each checked as the flag's
+    single value is (finite, positive, whole where ``integer``); ``None`` when not given."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        parts = [value]
+    elif isinstance(value, (list, tuple)):  # a sweep file's list
+        parts = list(value)
+    else:
+        parts = items(flag, value)
+    out = []
+    for part in parts:
+        try:
+            number = float(part)
+        except (TypeError, ValueError):
+            raise HarnessError(f"{flag} {value!r}: {part!r} is not a number") from None
+        _positive(flag, number, integer=integer, key=key)
+        if number in out:  # 1e-3,0.001: one configuration twice
+            raise HarnessError(f"{flag} {value!r}: {part} is given more than once")
+        out.append(number)
+    return out
+
+
+def slurm_minutes(text: str) -> int:
+    """Slurm's --time syntax (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes (seconds round up)."""
+    s = str(text).strip()
+    try:
+        days, rest = s.split("-", 1) if "-" in s else ("0", s)
+        parts = [int(p) for p in rest.split(":")]
+        if "-" in s and len(parts) <= 3:
+            h, m, sec = (parts + [0, 0])[:3]
+        elif len(parts) in (1, 2):
+            h, m, sec = 0, parts[0], (parts + [0])[1]
+        elif len(parts) == 3:
+            h, m, sec = parts
+        else:
+            raise ValueError
+        if min(int(days), h, m, sec) < 0:
+            raise ValueError
+        minutes = int(days) * 1440 + h * 60 + m + (1 if sec else 0)
+    except ValueError:
+        raise HarnessError(f"--slurm-time {text!r}: use Slurm's syntax, e.g. 90, 4:00:00 or 1-12:00:00") from None
+    if minutes <= 0:
+        raise HarnessError(f"--slurm-time {text!r}: must be positive")
+    return minutes
 
 
 @dataclass
@@ -95,8 +147,9 @@ class RunOptions(Common, ModelOptions):
     seeds: str = "0"
     output: str = "results"
     accelerate: str | None = None
-    epochs: float | None = None
-    lr: float | None = None
+    epochs: float | str | None = None  # one value or a comma separated sweep ("5,10")
+    lr: float | str | None = None  # one value or a comma separated sweep ("1e-5,2e-5")
+    sweep: str | None = None  # YAML file: key -> list of values (commands/sweep.py)
     train_batch_size: int | None = None
     per_device_batch: int | None = None
     eval_batch_size: int = EVAL_BATCH_SIZE
@@ -107,6 +160,13 @@ class RunOptions(Common, ModelOptions):
     dry_run: bool = False
     overwrite: bool = False
     shard: str | None = None
+    cell: list[str] = field(default_factory=list)  # run only these cells (<model>/<task>/<method>/<hash8>-s<seed>)
+    launcher: str | None = None  # None: in this process; local / slurm: submitit job array
+    slurm_partition: str | None = None
+    slurm_gpus_per_node: int | None = None
+    slurm_time: str = SLURM_TIME
+    slurm_array_parallelism: int | None = None
+    slurm_setup: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         ModelOptions.validate(self)
@@ -118,8 +178,13 @@ class RunOptions(Common, ModelOptions):
             raise HarnessError(f"--seeds {self.seeds!r}: expected comma separated integers") from None
         if len(set(seeds)) != len(seeds):  # 1,01
             raise HarnessError(f"--seeds {self.seeds!r}: a seed is given more than once")
-        _positive("--epochs", self.epochs, integer=True, key="epochs")
-        _positive("--lr", self.lr, key="lr")
+        numbers("--epochs", self.epochs, integer=True, key="epochs")
+        numbers("--lr", self.lr, key="lr")
+        if self.launcher is not None and self.launcher not in LAUNCHERS:
+            raise HarnessError(f"--launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        slurm_minutes(self.slurm_time)
+        _positive("--slurm-gpus-per-node", self.slurm_gpus_per_node, integer=True)
+        _positive("--slurm-array-parallelism", self.slurm_array_parallelism, integer=True)
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
         _positive("--eval-batch-size", self.eval_batch_size, integer=True)
@@ -132,6 +197,32 @@ class RunOptions(Common, ModelOptions):
         keep = {f: getattr(self, f) for f in (*ModelOptions.__dataclass_fields__, *Common.__dataclass_fields__,
                                               "output", "eval_batch_size")}
         return EvalOptions(**keep, tasks=task, name=name)
+
+
+    def launch_argv(self) -> list[str]:
+        """The ``harness run`` flags that rebuild this grid in a job (``--launcher`` and where to submit left out)."""
+        skip = {"launcher", "cell", "dry_run", "shard", *(f for f in self.__dataclass_fields__ if f.startswith("slurm_"))}
+        return to_argv(self, skip)
+
+
+def to_argv(opts, skip=()) -> list[str]:
+    """The long flags that parse back into ``opts`` (every field is the flag of the same name; fields at
+    their default are left out)."""
+    default = type(opts)()
+    out: list[str] = []
+    for name in opts.__dataclass_fields__:
+        value = getattr(opts, name)
+        if name in skip or value == getattr(default, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag)  # store_true flags (a True default would need --no-... and none exists)
+        elif isinstance(value, list):
+            for v in value:
+                out.append(f"{flag}={v}")
+        else:
+            out.append(f"{flag}={value}")
+    return out
 
 
 @dataclass
@@ -175,6 +266,11 @@ class ListOptions(Common):
 
 
 @dataclass
+class StatusOptions(Common):
+    results: str = "results"
+
+
+@dataclass
 class ReportOptions(Common):
     results: str = "results"
     format: str = "md"
@@ -183,3 +279,12 @@ class ReportOptions(Common):
     output: str | None = None
     model: str | None = None
     timing: bool = False
+    best: str | None = None  # the sweep selection's objective (default: the family's plot y, e.g. forget_quality)
+    utility_fraction: float = UTILITY_FRACTION
+    export: str | None = None  # the selected sweep table as FILE.csv or FILE.json
+
+    def validate(self) -> None:
+        if not math.isfinite(self.utility_fraction) or self.utility_fraction < 0:
+            raise HarnessError(f"--utility-fraction must be a finite number >= 0, got {self.utility_fraction}")
+        if self.export and not self.export.endswith((".csv", ".json")):
+            raise HarnessError(f"--export {self.export!r}: name a .csv or .json file")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import HarnessError, __version__
+from harness.commands import sweep
 from harness.methods import build_method
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
 from harness.options import RunOptions
@@ -37,20 +38,7 @@ class Cell:
     config: dict
     dir: Path
     plugin: str = ""
-
-
-def parse_sets(sets: list[str], methods: dict) -> dict[str, dict[str, str]]:
-    """``--set npo.beta=0.2`` -> {"npo": {"beta": "0.2"}} (values parsed against the field types later)."""
-    out: dict[str, dict[str, str]] = {}
-    for s in sets:
-        key, eq, value = s.partition("=")
-        meth, dot, field = key.partition(".")
-        if not eq or not dot or not field:
-            raise HarnessError(f"--set {s!r}: expected METHOD.FIELD=VALUE, e.g. npo.beta=0.2")
-        if meth not in methods:
-            raise HarnessError(f"--set {s!r}: method '{meth}' is not selected (selected: {', '.join(methods)})")
-        out.setdefault(meth, {})[field] = value
-    return out
+    point: dict = dataclasses.field(default_factory=dict)  # the swept keys' values ({"lr": 1e-5, "npo.beta": 0.1})
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -65,17 +53,20 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-# --flag -> TrainConfig field
+# --flag (or sweep key) -> TrainConfig field; --lr and --epochs arrive through the sweep point
 TRAIN_FLAGS = {"epochs": "epochs", "lr": "lr", "train_batch_size": "batch_size",
                "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
 
 
-def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int) -> dict:
-    """Task defaults, then the profile's (e.g. the tiny model's learning rate), then the flags."""
+def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int, point: dict | None = None) -> dict:
+    """Task defaults, then the profile's (e.g. the tiny model's learning rate), then the flags and the
+    sweep point's training values (``point``: lr, epochs, ...)."""
     from harness.training import TrainConfig
 
     cfg = {**task.training, **choice.training}
-    flags = {key: getattr(opts, flag) for flag, key in TRAIN_FLAGS.items() if getattr(opts, flag) is not None}
+    given = {flag: getattr(opts, flag) for flag in TRAIN_FLAGS if flag not in ("lr", "epochs")}
+    given.update(point or {})
+    flags = {TRAIN_FLAGS[flag]: v for flag, v in given.items() if v is not None}
     cfg.update(flags)
     if opts.gradient_checkpointing:
         cfg["gradient_checkpointing"] = True
@@ -101,8 +92,10 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
 def expand(opts: RunOptions, reg) -> list[Cell]:
     tasks = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
     methods = select(opts.methods, reg.methods, kind="method", failures=reg.failures)
+    # every sweep value is typed and checked before any model or data is touched
+    grid = sweep.axes(opts, {m: reg.methods[m] for m in methods}, reg.methods)
+    swept = sweep.swept(grid)
     check_reference_placeholder(opts.reference, len(tasks))
-    sets = parse_sets(opts.set, methods)
     try:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
@@ -111,6 +104,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
     from harness.results.identity import check_inputs, identity_config
 
     cells = []
+    seen: dict[Path, dict] = {}
     for tname in tasks:
         task = reg.tasks[tname]
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference)
@@ -119,17 +113,17 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         task, sources = resolve_task_data(choice.apply(task), opts.data_dir, tiny=is_tiny_model(choice.start))
         check_inputs(task, choice, opts.data_dir, reg)
         fingerprints = identity_config(task, choice, reg, opts.data_dir)
-        for mname in methods:
+        for mname, point in ((m, p) for m in methods for p in sweep.points(grid, m)):
             cls = reg.methods[mname]
             plugin = reg.sources.get(("methods", mname), "?")
             try:
-                method = build_method(cls, sets.get(mname, {}))
-            except HarnessError:
-                raise
+                method = build_method(cls, sweep.method_part(point, mname))
+            except HarnessError as exc:
+                raise HarnessError(f"{mname} at sweep point {_point_text(point)}: {exc}") if point else exc from None
             except Exception as exc:
                 raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
             for seed in seeds:
-                train = training_config(task, choice, opts, seed)
+                train = training_config(task, choice, opts, seed, sweep.training_part(point))
                 config = {"task": task.to_config(), "model": choice.to_config(),
                           "method": {"name": mname, "params": dataclasses.asdict(method)},
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
@@ -138,8 +132,17 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                           "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
                           "data_sources": sources, "fingerprints": fingerprints}
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
-                cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
+                if d in seen:  # e.g. --epochs 2 against a task whose default already is 2, beside --sweep
+                    raise HarnessError(f"{tname} x {mname} x seed {seed}: sweep points {_point_text(seen[d])} and "
+                                       f"{_point_text(point)} resolve to the same configuration ({d.name})")
+                seen[d] = point
+                cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin,
+                                  {k: v for k, v in point.items() if k in swept}))
     return cells
+
+
+def _point_text(point: dict) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in point.items()) + "}"
 
 
 def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
@@ -196,12 +199,21 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
         return None
     meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
             "seed": cell.seed, "model": choice.label, "harness_version": __version__,
-            "train_seconds": round(time.time() - t0, 1)}
+            "train_seconds": round(time.time() - t0, 1), "hparams": hparams(cell), "sweep": cell.point}
     if registry is None:
         registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
     score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
                 identity=meta, registry=registry, print_table=False)
     return read_scores(cell.dir)
+
+
+def hparams(cell: Cell) -> dict:
+    """What the report shows of a sweep point: lr, epochs and the method's scalar hyper-parameters."""
+    out = {k: cell.train.get(k) for k in ("lr", "epochs", "batch_size")}
+    for k, v in cell.config["method"]["params"].items():
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[f"{cell.method_name}.{k}"] = v
+    return out
 
 
 def read_scores(d: Path) -> dict:
@@ -222,7 +234,9 @@ def print_grid(cells: list[Cell]) -> None:
     print(f"{len(cells)} run(s):")
     for i, c in enumerate(cells):
         status = "done" if is_complete(c.dir) else "todo"
-        print(f"[{i}] {c.task.name} x {c.method_name} x seed {c.seed}  model={c.choice.label}  ({status}) -> {c.dir}")
+        point = f"  {_point_text(c.point)}" if c.point else ""
+        print(f"[{i}] {c.task.name} x {c.method_name} x seed {c.seed}{point}  model={c.choice.label}  "
+              f"hash={c.dir.name.rpartition('-s')[0]}  ({status}) -> {c.dir}")
         resolved = {"start": c.choice.start, "reference": c.choice.reference,
                     "method": c.config["method"]["params"], "training": c.config["training"]}
         if c.choice.data:
