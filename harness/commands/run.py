@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from harness.models.profiles import ModelChoice, check_reference_placeholder, re
 from harness.options import RunOptions
 from harness.plugins import get_registry, one_line
 from harness.results.rundir import claim, is_complete, replacing, run_dir, write_config
+from harness.results.state import clear_failure, record_grid, write_failure
 from harness.results.tables import Sheet, console_value, to_console
 from harness.tasks import Task, select
 from harness.training.distributed import is_main_process
 
 log = logging.getLogger("harness")
+LOG_ENV = "HARNESS_CELL_LOG"  # set by a --launcher job: where this cell's output goes (named in failed.json)
 
 
 @dataclass
@@ -141,6 +144,19 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
     return cells
 
 
+def rel(cell: Cell, output) -> str:
+    """The cell's name in its results tree: ``<model>/<task>/<method>/<hash8>-s<seed>``."""
+    return Path(cell.dir).relative_to(Path(output)).as_posix()
+
+
+def only_cells(cells: list[Cell], wanted: list[str], output) -> list[Cell]:
+    by_rel = {rel(c, output): c for c in cells}
+    missing = [w for w in wanted if w.strip("/") not in by_rel]
+    if missing:
+        raise HarnessError(f"--cell {missing[0]}: not a cell of this grid ({len(cells)} cells; see --dry-run)")
+    return [by_rel[w.strip("/")] for w in dict.fromkeys(wanted)]
+
+
 def _point_text(point: dict) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in point.items()) + "}"
 
@@ -157,8 +173,15 @@ def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
             return None
         if is_complete(cell.dir) and not opts.overwrite:
             return read_scores(cell.dir)
-        with replacing(cell.dir, opts.overwrite):
-            return _unlearn_and_score(cell, opts, registry)
+        try:
+            with replacing(cell.dir, opts.overwrite):
+                scores = _unlearn_and_score(cell, opts, registry)
+        except BaseException as exc:  # `harness status` lists the cell as failed with this line
+            if is_main_process() and not is_complete(cell.dir):
+                write_failure(cell.dir, one_line(exc), os.environ.get(LOG_ENV))
+            raise
+        clear_failure(cell.dir)
+        return scores
 
 
 def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
@@ -286,10 +309,18 @@ def main(opts: RunOptions) -> int:
     shard = parse_shard(opts.shard)
     if shard:
         cells = [c for i, c in enumerate(cells) if i % shard[1] == shard[0]]
+    if opts.cell:
+        cells = only_cells(cells, opts.cell, opts.output)
     check_grid_data(cells, opts)  # --dry-run too: a dry run that passes means the run will start
     if opts.dry_run:
         print_grid(cells)
         return 0
+    if opts.launcher:  # before --accelerate's relaunch: each job relaunches its own cell
+        from harness.commands.launch import submit
+
+        return submit(cells, opts)
+    if not opts.cell and is_main_process():  # a launched cell's grid was recorded when it was submitted
+        record_grid(opts.output, [rel(c, opts.output) for c in cells], ["harness", "run", *opts.launch_argv()])
     if opts.accelerate and opts.accelerate != "single":
         rc = distributed.relaunch(sys.argv[1:], opts.accelerate)
         if rc != -1:

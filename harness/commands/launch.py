@@ -1,0 +1,135 @@
+"""``harness run --launcher slurm|local``: the grid's cells as one submitit job array.
+
+Each array task runs ``harness run <the same flags> --cell <model>/<task>/<method>/<hash8>-s<seed>`` in a
+subprocess, so a cell in a job behaves exactly as one run by hand: it claims its run directory (the
+lock still guards it against a second job or a user), scores its task's Finetuned row if nobody has yet,
+and with ``--accelerate`` relaunches itself under ``accelerate launch`` inside the allocation. Before
+submitting, done and running cells are left out, so rerunning the same command submits only the missing
+and failed ones. ``local`` runs the same path through submitit's LocalExecutor and waits for it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import HarnessError
+from harness.commands.run import LOG_ENV, Cell, read_scores, rel, summary_table
+from harness.options import RunOptions, slurm_minutes
+from harness.results.rundir import is_complete
+from harness.results.state import (
+    FAILED,
+    STATES,
+    last_line,
+    launch_dir,
+    log_path,
+    read_failure,
+    record_grid,
+    state,
+    write_failure,
+)
+
+
+def submit(cells: list[Cell], opts: RunOptions) -> int:
+    output = Path(opts.output)
+    rels = [rel(c, output) for c in cells]
+    argv = opts.launch_argv()
+    record_grid(output, rels, ["harness", "run", *argv, f"--launcher={opts.launcher}"])
+    states = {r: state(output / r) for r in rels}
+    counts = {s: sum(v == s for v in states.values()) for s in STATES}
+    todo = [r for r in rels if states[r] != "running" and (opts.overwrite or states[r] in ("missing", "failed"))]
+    print(f"{len(rels)} cell(s): " + ", ".join(f"{counts[s]} {s}" for s in STATES) + f"; submitting {len(todo)}")
+    if not todo:
+        print(f"nothing to submit (harness status {output})")
+        return 0
+    executor = _executor(opts, output)
+    waves = [todo] if opts.launcher == "slurm" else _waves(todo, opts.slurm_array_parallelism or 1)
+    failures = []
+    for wave in waves:
+        jobs = _map(executor, argv, wave, output)
+        if opts.launcher == "slurm":
+            array = str(jobs[0].job_id).split("_")[0]
+            print(f"submitted Slurm job array {array}: {len(jobs)} task(s); submitit files in {executor.folder.parent}")
+            print(f"follow it with: harness status {output}   (rerun this command to resubmit missing/failed cells)")
+            return 0
+        for r, job in zip(wave, jobs):
+            try:
+                job.result()
+            except Exception:  # the job's own traceback stays in submitit's folder; the cell says why in one line
+                failures.append(r)
+    by_rel = {rel(c, output): c for c in cells}
+    rows = [(by_rel[r].task.name, by_rel[r].method_name, by_rel[r].seed, read_scores(output / r))
+            for r in rels if is_complete(output / r)]
+    if rows:
+        print(summary_table(rows))
+    for r in failures:
+        fail = read_failure(output / r) or {}
+        print(f"failed: {r}: {fail.get('error', '?')} (log: {fail.get('log', '?')})")
+    return 1 if failures else 0
+
+
+def run_one(argv: list[str], cell: str, output: str, cwd: str) -> str:
+    """One array task: run one cell in a subprocess, its output in the cell's log; raises when it failed."""
+    os.chdir(cwd)  # relative paths in argv mean what they meant where the grid was submitted
+    log = log_path(output, cell)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "harness", "run", *argv, f"--cell={cell}"]
+    start = time.time()
+    with open(log, "w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, LOG_ENV: str(log)})
+    d = Path(output) / cell
+    if rc == 0 and is_complete(d):
+        return cell
+    line = last_line(log) or f"exit code {rc}"
+    if not is_complete(d):
+        marker = d / FAILED
+        if not marker.is_file() or marker.stat().st_mtime < start:  # killed before the cell could say why
+            write_failure(d, line, str(log))
+    raise RuntimeError(f"cell {cell} failed (exit code {rc}): {line} (log: {log})")
+
+
+def _map(executor, argv: list[str], cells: list[str], output: Path) -> list:
+    n = len(cells)
+    try:
+        return executor.map_array(run_one, [argv] * n, cells, [str(output)] * n, [os.getcwd()] * n)
+    except FileNotFoundError as exc:  # no sbatch on this machine
+        raise HarnessError(f"--launcher slurm: {exc.filename or 'sbatch'} not found; submit from a Slurm login "
+                           "node (or test the same path with --launcher local)") from None
+    except subprocess.CalledProcessError as exc:
+        raise HarnessError(f"--launcher slurm: sbatch failed: {last_line_of(exc.output)}") from None
+
+
+def last_line_of(text) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def _waves(cells: list[str], size: int) -> list[list[str]]:
+    return [cells[i:i + size] for i in range(0, len(cells), size)]
+
+
+def _executor(opts: RunOptions, output: Path):
+    try:
+        import submitit
+    except ImportError:
+        raise HarnessError("--launcher needs the submitit package: pip install submitit") from None
+    folder = launch_dir(output) / "submitit" / "%j"
+    minutes = slurm_minutes(opts.slurm_time)
+    if opts.launcher == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder)
+        params = {"job_name": "harness-run", "time": minutes, "nodes": 1, "ntasks_per_node": 1,
+                  "gpus_per_node": opts.slurm_gpus_per_node, "partition": opts.slurm_partition,
+                  "array_parallelism": opts.slurm_array_parallelism, "setup": opts.slurm_setup or None}
+    else:
+        executor = submitit.LocalExecutor(folder=folder)
+        params = {"timeout_min": minutes, "gpus_per_node": opts.slurm_gpus_per_node or 0,
+                  "setup": opts.slurm_setup or None}
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
