@@ -13,13 +13,13 @@ import sys
 from harness import HarnessError, __version__
 from harness.options import (
     ATTENTION_MASKS,
+    LAUNCHERS,
     LIST_KINDS,
+    SLURM_TIME,
+    UTILITY_FRACTION,
     EvalOptions,
     FinetuneOptions,
     ListOptions,
-    LAUNCHERS,
-    SLURM_TIME,
-    UTILITY_FRACTION,
     ReportOptions,
     RunOptions,
     StatusOptions,

@@ -10,27 +10,16 @@ and failed ones. ``local`` runs the same path through submitit's LocalExecutor a
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from harness import HarnessError
-from harness.commands.run import LOG_ENV, Cell, read_scores, rel, summary_table
+from harness.commands import job
+from harness.commands.run import Cell, read_scores, rel, summary_table
 from harness.options import RunOptions, slurm_minutes
+from harness.plugins import one_line
 from harness.results.rundir import is_complete
-from harness.results.state import (
-    FAILED,
-    STATES,
-    last_line,
-    launch_dir,
-    log_path,
-    read_failure,
-    record_grid,
-    state,
-    write_failure,
-)
+from harness.results.state import STATES, launch_dir, read_failure, record_grid, state
 
 
 def submit(cells: list[Cell], opts: RunOptions) -> int:
@@ -55,9 +44,9 @@ def submit(cells: list[Cell], opts: RunOptions) -> int:
             print(f"submitted Slurm job array {array}: {len(jobs)} task(s); submitit files in {executor.folder.parent}")
             print(f"follow it with: harness status {output}   (rerun this command to resubmit missing/failed cells)")
             return 0
-        for r, job in zip(wave, jobs):
+        for r, j in zip(wave, jobs):
             try:
-                job.result()
+                j.result()
             except Exception:  # the job's own traceback stays in submitit's folder; the cell says why in one line
                 failures.append(r)
     by_rel = {rel(c, output): c for c in cells}
@@ -71,32 +60,10 @@ def submit(cells: list[Cell], opts: RunOptions) -> int:
     return 1 if failures else 0
 
 
-def run_one(argv: list[str], cell: str, output: str, cwd: str) -> str:
-    """One array task: run one cell in a subprocess, its output in the cell's log; raises when it failed."""
-    os.chdir(cwd)  # relative paths in argv mean what they meant where the grid was submitted
-    log = log_path(output, cell)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "harness", "run", *argv, f"--cell={cell}"]
-    start = time.time()
-    with open(log, "w", encoding="utf-8") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        fh.flush()
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, LOG_ENV: str(log)})
-    d = Path(output) / cell
-    if rc == 0 and is_complete(d):
-        return cell
-    line = last_line(log) or f"exit code {rc}"
-    if not is_complete(d):
-        marker = d / FAILED
-        if not marker.is_file() or marker.stat().st_mtime < start:  # killed before the cell could say why
-            write_failure(d, line, str(log))
-    raise RuntimeError(f"cell {cell} failed (exit code {rc}): {line} (log: {log})")
-
-
 def _map(executor, argv: list[str], cells: list[str], output: Path) -> list:
     n = len(cells)
     try:
-        return executor.map_array(run_one, [argv] * n, cells, [str(output)] * n, [os.getcwd()] * n)
+        return executor.map_array(job.run_one, [argv] * n, cells, [str(output)] * n, [os.getcwd()] * n)
     except FileNotFoundError as exc:  # no sbatch on this machine
         raise HarnessError(f"--launcher slurm: {exc.filename or 'sbatch'} not found; submit from a Slurm login "
                            "node (or test the same path with --launcher local)") from None
@@ -123,7 +90,11 @@ def _executor(opts: RunOptions, output: Path):
     folder = launch_dir(output) / "submitit" / "%j"
     minutes = slurm_minutes(opts.slurm_time)
     if opts.launcher == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder)
+        try:
+            executor = submitit.SlurmExecutor(folder=folder)
+        except RuntimeError as exc:  # submitit looks for srun first
+            raise HarnessError(f"--launcher slurm: {one_line(exc)}; submit from a Slurm login node "
+                               "(or test the same path with --launcher local)") from None
         params = {"job_name": "harness-run", "time": minutes, "nodes": 1, "ntasks_per_node": 1,
                   "gpus_per_node": opts.slurm_gpus_per_node, "partition": opts.slurm_partition,
                   "array_parallelism": opts.slurm_array_parallelism, "setup": opts.slurm_setup or None}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness import HarnessError, __version__
 from harness.commands import sweep
+from harness.commands.job import LOG_ENV
 from harness.methods import build_method
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
 from harness.options import RunOptions
@@ -27,7 +28,6 @@ from harness.tasks import Task, select
 from harness.training.distributed import is_main_process
 
 log = logging.getLogger("harness")
-LOG_ENV = "HARNESS_CELL_LOG"  # set by a --launcher job: where this cell's output goes (named in failed.json)
 
 
 @dataclass

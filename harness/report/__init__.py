@@ -16,8 +16,9 @@ from pathlib import Path
 from harness import HarnessError
 from harness.io import write_json, write_text
 from harness.options import ReportOptions
+from harness.report.frontier import pareto, plot_fronts
 from harness.report.layout import Family, builtin_families
-from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, load_runs
+from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, config_cells, load_runs
 from harness.report.plot import plot
 from harness.report.published import (
     LOG_METRICS,
@@ -36,6 +37,7 @@ from harness.report.render import (
     render_timing,
     to_json,
 )
+from harness.report.sweep import choice_sheet, is_sweep, markdown_sheet, preferred, select
 from harness.report.tables import (
     Table,
     build_tables,
@@ -44,14 +46,15 @@ from harness.report.tables import (
     fmt,
     fmt_diff,
 )
-from harness.results.tables import ARROWS, DISPLAY_NAMES, ROW_ORDER
+from harness.results.tables import ARROWS, DISPLAY_NAMES, ROW_ORDER, to_csv, to_html, to_markdown, to_records
 
 __all__ = [
     "ARROWS", "COMPARE_COLUMNS", "CSV_COLUMNS", "DISPLAY_NAMES", "LOG_METRICS",
     "PUBLISHED_DIR", "ROW_ORDER", "Cell", "Family", "RunScores",
     "Stat", "Table", "aggregate", "build_cells", "build_tables", "builtin_families",
     "cell_text", "comparison_rows",
-    "difference", "fmt", "fmt_diff", "is_counterpart", "load_published", "load_runs", "main", "plot",
+    "config_cells", "difference", "fmt", "fmt_diff", "is_counterpart", "load_published", "load_runs", "main",
+    "pareto", "plot", "plot_fronts", "select",
     "published_model_names", "render_csv", "render_html", "render_markdown", "render_timing", "to_json",
 ]  # fmt: skip
 
@@ -72,21 +75,32 @@ def main(opts: ReportOptions) -> int:
         raise HarnessError(f"--format {fmt_name}: choose md, csv, html or json")
     runs = load_runs(Path(args.results), args.model)
     source = _compare_source(args.compare)
-    cells = build_cells(runs)
+    points = config_cells(runs)
+    choices = select(points, args.utility_fraction, args.best)
+    sweep = is_sweep(choices)
+    if args.best and not any(args.best in c.stats for c in points):
+        raise HarnessError(f"--best {args.best}: no run reports that metric")
+    # a swept method's row in the published-layout tables is its selected point
+    cells = build_cells(runs, preferred(choices, args.utility_fraction) if sweep else None)
     published = None
     if source is not False:
         # the shipped tables: only those the families in this tree name (report.published)
         names = None if source else [n for c in cells if c.family for n in c.family.layout.published]
         published = load_published(source, names)
     tables = build_tables(cells, published)
+    doc = to_json(tables, published)
+    if sweep:
+        doc["sweep"] = to_records(choice_sheet(choices, args.utility_fraction))
     if fmt_name == "json":
-        text = json.dumps(to_json(tables, published), indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     else:
         text = {"md": render_markdown, "csv": render_csv, "html": render_html}[fmt_name](tables, published)
+        if sweep and fmt_name in ("md", "html"):
+            text = text.rstrip("\n") + "\n\n" + _sweep_section(choices, args.utility_fraction, fmt_name)
     output = args.output
     if output:
         if fmt_name == "json":
-            write_json(Path(output), to_json(tables, published))
+            write_json(Path(output), doc)
         else:
             write_text(Path(output), text)
         print(f"report written to {output}")
@@ -94,8 +108,31 @@ def main(opts: ReportOptions) -> int:
         print(text, end="" if text.endswith("\n") else "\n")
     if args.timing:
         print(render_timing(tables))
+    if args.export:
+        _export(Path(args.export), choices, args.utility_fraction)
+        print(f"best sweep points written to {args.export}")
     plot_path = args.plot
     if plot_path:
-        plot(tables, Path(plot_path), published)
+        if sweep:  # the trade-off view: every point, each method's front and its selected point
+            plot_fronts(choices, points, Path(plot_path), args.utility_fraction)
+        else:
+            plot(tables, Path(plot_path), published)
         print(f"plot written to {plot_path}")
     return 0
+
+
+def _sweep_section(choices, fraction: float, fmt_name: str) -> str:
+    sheet = markdown_sheet(choices, fraction)
+    rules = sorted({ch.rule(fraction) for ch in choices})
+    if fmt_name == "html":
+        return f"<h2>Sweep: best point per task and method</h2>\n<p>{'; '.join(rules)}</p>\n{to_html(sheet)}\n"
+    return ("## Sweep: best point per task and method\n\n" + to_markdown(sheet) + "\n\n"
+            + f"Rule: {'; '.join(rules)} (--best METRIC, --utility-fraction F). The tables above show these "
+            "points; every point: --export FILE.csv|json, --plot FILE.png.\n")
+
+
+def _export(path: Path, choices, fraction: float) -> None:
+    if path.suffix == ".json":
+        write_json(path, to_records(choice_sheet(choices, fraction)))
+    else:
+        write_text(path, to_csv(choice_sheet(choices, fraction, flat=True)).rstrip("\n") + "\n")

@@ -32,6 +32,7 @@ class RunScores:
     mtime: float
     seconds: dict[str, float] = field(default_factory=dict)  # "train" / "eval" wall time, where recorded
     family: Family | None = None  # the table it belongs to; None: a table of its own
+    hparams: dict = field(default_factory=dict)  # lr, epochs, METHOD.FIELD (scores.json, else config.yaml)
 
 
 _RUN_DIR = re.compile(r"^(?P<hash>[0-9A-Za-z]+)-s(?P<seed>-?\d+)$")
@@ -84,7 +85,29 @@ def _read_scores(path: Path) -> RunScores:
         mtime=path.stat().st_mtime,
         seconds=_seconds(data),
         family=recorded(data, str(path), str(data["task"])),
+        hparams=_hparams(data, path.parent, method),
     )
+
+
+def _hparams(data: dict, run: Path, method: str) -> dict:
+    """A sweep point's hyper-parameters: recorded by `harness run` in scores.json; for older runs, read
+    from the config.yaml beside it (an eval of a checkpoint has none)."""
+    if isinstance(data.get("hparams"), dict):
+        return dict(data["hparams"])
+    if not (run / "config.yaml").is_file():
+        return {}
+    from harness.io import read_yaml
+
+    try:
+        cfg = read_yaml(run / "config.yaml", what="run config")
+    except HarnessError:
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    train, params = cfg.get("training") or {}, (cfg.get("method") or {}).get("params") or {}
+    out = {k: train.get(k) for k in ("lr", "epochs", "batch_size") if k in train}
+    out.update({f"{method}.{k}": v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))})
+    return out
 
 
 def _seconds(data: dict) -> dict[str, float]:
@@ -143,6 +166,8 @@ class Cell:
     other_configs: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # mean over the seeds that recorded it
     family: Family | None = None
+    hparams: dict = field(default_factory=dict)
+    selected_by: str = ""  # set when a sweep's selection rule chose this configuration among others
 
 
 def aggregate(values: list[float | None]) -> Stat:
@@ -154,44 +179,62 @@ def aggregate(values: list[float | None]) -> Stat:
     return Stat(mean, std, len(present), values)
 
 
-def build_cells(runs: list[RunScores]) -> list[Cell]:
+def build_cells(runs: list[RunScores], prefer: dict[tuple, tuple[str, str]] | None = None) -> list[Cell]:
     """Group runs by (model, task, method) and average their seeds.
 
     A cell holding several configurations (e.g. a --limit smoke run beside the full one, or a
     changed hyper-parameter) shows one: complete runs before partial ones, then the most recent;
-    the others are named in the report's notes rather than mixed into one mean.
+    the others are named in the report's notes rather than mixed into one mean. ``prefer``:
+    (model, task, method) -> (config, rule) chosen by a sweep's selection rule, shown instead.
     """
+    prefer = prefer or {}
     groups: dict[tuple[str, str, str], dict[str, list[RunScores]]] = {}
     for r in runs:
         groups.setdefault((r.model, r.task, r.method), {}).setdefault(r.config, []).append(r)
     cells = []
     for (model, task, method), by_config in groups.items():
+        chosen_config, rule = prefer.get((model, task, method), (None, ""))
         ranked = sorted(
             by_config.items(),
-            key=lambda kv: (all(not r.partial for r in kv[1]), max(r.mtime for r in kv[1]), kv[0]),
+            key=lambda kv: (kv[0] == chosen_config, all(not r.partial for r in kv[1]),
+                            max(r.mtime for r in kv[1]), kv[0]),
             reverse=True,
         )
         config, chosen = ranked[0]
-        chosen = sorted(chosen, key=lambda r: r.seed)
-        names = sorted({name for r in chosen for name in r.values})
-        better: dict[str, str] = {}
-        for r in chosen:
-            better.update(r.better)
-        cells.append(
-            Cell(
-                model=model,
-                task=task,
-                method=method,
-                display=chosen[0].display,
-                config=config,
-                seeds=[r.seed for r in chosen],
-                partial=any(r.partial for r in chosen),
-                stats={name: aggregate([r.values.get(name) for r in chosen]) for name in names},
-                better=better,
-                other_configs=[c for c, _ in ranked[1:]],
-                seconds={k: aggregate([r.seconds.get(k) for r in chosen]).mean for k in ("train", "eval")
-                         if any(k in r.seconds for r in chosen)},
-                family=chosen[0].family,
-            )
-        )
+        cells.append(_cell(model, task, method, config, chosen, [c for c, _ in ranked[1:]],
+                           rule if config == chosen_config else ""))
     return cells
+
+
+def config_cells(runs: list[RunScores]) -> list[Cell]:
+    """One cell per (model, task, method, configuration): every point of a sweep, seeds averaged."""
+    groups: dict[tuple[str, str, str, str], list[RunScores]] = {}
+    for r in runs:
+        groups.setdefault((r.model, r.task, r.method, r.config), []).append(r)
+    return [_cell(*key, rs, []) for key, rs in groups.items()]
+
+
+def _cell(model: str, task: str, method: str, config: str, chosen: list[RunScores], others: list[str],
+          selected_by: str = "") -> Cell:
+    chosen = sorted(chosen, key=lambda r: r.seed)
+    names = sorted({name for r in chosen for name in r.values})
+    better: dict[str, str] = {}
+    for r in chosen:
+        better.update(r.better)
+    return Cell(
+        model=model,
+        task=task,
+        method=method,
+        display=chosen[0].display,
+        config=config,
+        seeds=[r.seed for r in chosen],
+        partial=any(r.partial for r in chosen),
+        stats={name: aggregate([r.values.get(name) for r in chosen]) for name in names},
+        better=better,
+        other_configs=others,
+        seconds={k: aggregate([r.seconds.get(k) for r in chosen]).mean for k in ("train", "eval")
+                 if any(k in r.seconds for r in chosen)},
+        family=chosen[0].family,
+        hparams=chosen[0].hparams,
+        selected_by=selected_by,
+    )

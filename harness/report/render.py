@@ -59,7 +59,9 @@ def _notes(tables: list[Table], compare: bool) -> list[str]:
         )
     for t in tables:
         for c in sorted(t.cells.values(), key=lambda c: (c.task, c.method)):
-            if c.other_configs:
+            if c.selected_by:
+                notes.append(f"{t.model} {c.task} {c.display}: showing configuration {c.config}, {c.selected_by}.")
+            elif c.other_configs:
                 notes.append(
                     f"{t.model} {c.task} {c.display}: showing configuration {c.config}; "
                     f"also found {', '.join(c.other_configs)} (not averaged in)."
