@@ -15,16 +15,15 @@ from pathlib import Path
 
 from harness import HarnessError
 from harness.commands import job
-from harness.commands.run import Cell, read_scores, rel, summary_table
 from harness.options import RunOptions, slurm_minutes
 from harness.plugins import one_line
-from harness.results.rundir import is_complete
 from harness.results.state import STATES, launch_dir, read_failure, record_grid, state
 
 
-def submit(cells: list[Cell], opts: RunOptions) -> int:
+def submit(rels: list[str], opts: RunOptions) -> int:
+    """Submit the cells ``rels`` (``<model>/<task>/<method>/<hash8>-s<seed>`` under ``opts.output``) that
+    are not done or running; with the local executor, wait for them. Returns the exit code."""
     output = Path(opts.output)
-    rels = [rel(c, output) for c in cells]
     argv = opts.launch_argv()
     record_grid(output, rels, ["harness", "run", *argv, f"--launcher={opts.launcher}"])
     states = {r: state(output / r) for r in rels}
@@ -49,11 +48,6 @@ def submit(cells: list[Cell], opts: RunOptions) -> int:
                 j.result()
             except Exception:  # the job's own traceback stays in submitit's folder; the cell says why in one line
                 failures.append(r)
-    by_rel = {rel(c, output): c for c in cells}
-    rows = [(by_rel[r].task.name, by_rel[r].method_name, by_rel[r].seed, read_scores(output / r))
-            for r in rels if is_complete(output / r)]
-    if rows:
-        print(summary_table(rows))
     for r in failures:
         fail = read_failure(output / r) or {}
         print(f"failed: {r}: {fail.get('error', '?')} (log: {fail.get('log', '?')})")

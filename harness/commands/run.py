@@ -318,7 +318,11 @@ def main(opts: RunOptions) -> int:
     if opts.launcher:  # before --accelerate's relaunch: each job relaunches its own cell
         from harness.commands.launch import submit
 
-        return submit(cells, opts)
+        rc = submit([rel(c, opts.output) for c in cells], opts)
+        rows = [(c.task.name, c.method_name, c.seed, read_scores(c.dir)) for c in cells if is_complete(c.dir)]
+        if rows and opts.launcher == "local":
+            print(summary_table(rows))
+        return rc
     if not opts.cell and is_main_process():  # a launched cell's grid was recorded when it was submitted
         record_grid(opts.output, [rel(c, opts.output) for c in cells], ["harness", "run", *opts.launch_argv()])
     if opts.accelerate and opts.accelerate != "single":
