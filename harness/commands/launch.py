@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from harness import HarnessError
@@ -34,20 +35,13 @@ def submit(rels: list[str], opts: RunOptions) -> int:
         print(f"nothing to submit (harness status {output})")
         return 0
     executor = _executor(opts, output)
-    waves = [todo] if opts.launcher == "slurm" else _waves(todo, opts.slurm_array_parallelism or 1)
-    failures = []
-    for wave in waves:
-        jobs = _map(executor, argv, wave, output)
-        if opts.launcher == "slurm":
-            array = str(jobs[0].job_id).split("_")[0]
-            print(f"submitted Slurm job array {array}: {len(jobs)} task(s); submitit files in {executor.folder.parent}")
-            print(f"follow it with: harness status {output}   (rerun this command to resubmit missing/failed cells)")
-            return 0
-        for r, j in zip(wave, jobs):
-            try:
-                j.result()
-            except Exception:  # the job's own traceback stays in submitit's folder; the cell says why in one line
-                failures.append(r)
+    if opts.launcher == "slurm":
+        jobs = _map(executor, argv, todo, output)
+        array = str(jobs[0].job_id).split("_")[0]
+        print(f"submitted Slurm job array {array}: {len(jobs)} task(s); submitit files in {executor.folder.parent}")
+        print(f"follow it with: harness status {output}   (rerun this command to resubmit missing/failed cells)")
+        return 0
+    failures = _run_locally(executor, argv, todo, output, opts.slurm_array_parallelism or 1)
     for r in failures:
         fail = read_failure(output / r) or {}
         print(f"failed: {r}: {fail.get('error', '?')} (log: {fail.get('log', '?')})")
@@ -72,8 +66,21 @@ def last_line_of(text) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def _waves(cells: list[str], size: int) -> list[list[str]]:
-    return [cells[i:i + size] for i in range(0, len(cells), size)]
+def _run_locally(executor, argv: list[str], cells: list[str], output: Path, slots: int) -> list[str]:
+    """Local jobs, at most ``slots`` at a time (Slurm's array parallelism); returns the failed cells."""
+    pending, running, failures = list(cells), [], []
+    while pending or running:
+        while pending and len(running) < slots:
+            cell = pending.pop(0)
+            running.append((cell, _map(executor, argv, [cell], output)[0]))
+        time.sleep(0.5)
+        for cell, j in [x for x in running if x[1].done()]:
+            running.remove((cell, j))
+            try:
+                j.result()
+            except Exception:  # the job's own traceback stays in submitit's folder; the cell says why in one line
+                failures.append(cell)
+    return failures
 
 
 def _executor(opts: RunOptions, output: Path):
