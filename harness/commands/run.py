@@ -122,7 +122,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         check_inputs(task, choice, opts.data_dir, reg)
         fingerprints = identity_config(task, choice, reg, opts.data_dir)
         for mname in methods:
-            method, plugin = build_cell_method(task, mname, reg, sets.get(mname, {}))
+            method, plugin = build_cell_method(task, mname, reg, sets.get(mname, {}), choice.methods.get(mname, {}))
             for seed in seeds:
                 train = training_config(task, choice, opts, seed, mname)
                 config = {"task": task.to_config(), "model": choice.to_config(),
@@ -137,8 +137,9 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
     return cells
 
 
-def build_cell_method(task: Task, mname: str, reg, sets: dict):
-    """The method of one task's cells: class defaults < the task's ``methods.<name>`` < ``--set``."""
+def build_cell_method(task: Task, mname: str, reg, sets: dict, profile: dict | None = None):
+    """The method of one task's cells: class defaults < the task's ``methods.<name>`` < the model profile's
+    ``methods.<name>`` (what its architecture needs) < ``--set``."""
     cls = reg.methods[mname]
     plugin = reg.sources.get(("methods", mname), "?")
     task_params, _ = task.method_defaults(mname)
@@ -148,7 +149,7 @@ def build_cell_method(task: Task, mname: str, reg, sets: dict):
                 build_method(cls, task_params)  # a bad task default names the task file, not --set
             except HarnessError as exc:
                 raise HarnessError(f"task '{task.name}' ({task.file}): methods.{mname}: {exc}") from None
-        method = build_method(cls, {**task_params, **sets})
+        method = build_method(cls, {**task_params, **(profile or {}), **sets})
     except HarnessError:
         raise
     except Exception as exc:
