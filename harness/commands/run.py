@@ -17,7 +17,7 @@ from pathlib import Path
 from harness import HarnessError, __version__
 from harness.commands import sweep
 from harness.commands.job import LOG_ENV
-from harness.methods import build_method
+from harness.methods import build_method, check_required
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
 from harness.options import RunOptions
 from harness.plugins import get_registry, one_line
@@ -61,12 +61,15 @@ TRAIN_FLAGS = {"epochs": "epochs", "lr": "lr", "train_batch_size": "batch_size",
                "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
 
 
-def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int, point: dict | None = None) -> dict:
-    """Task defaults, then the profile's (e.g. the tiny model's learning rate), then the flags and the
-    sweep point's training values (``point``: lr, epochs, ...)."""
+def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int, method: str | None = None,
+                    point: dict | None = None) -> dict:
+    """Task defaults, then the task's defaults for this method (``methods.<name>.training``, e.g. UNDIAL's
+    learning rate), then the profile's (e.g. the tiny model's learning rate), then the flags and the sweep
+    point's training values (``point``: lr, epochs, ...)."""
     from harness.training import TrainConfig
 
-    cfg = {**task.training, **choice.training}
+    method_training = task.method_defaults(method)[1] if method else {}
+    cfg = {**task.training, **method_training, **choice.training}
     given = {flag: getattr(opts, flag) for flag in TRAIN_FLAGS if flag not in ("lr", "epochs")}
     given.update(point or {})
     flags = {TRAIN_FLAGS[flag]: v for flag, v in given.items() if v is not None}
@@ -117,16 +120,13 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         check_inputs(task, choice, opts.data_dir, reg)
         fingerprints = identity_config(task, choice, reg, opts.data_dir)
         for mname, point in ((m, p) for m in methods for p in sweep.points(grid, m)):
-            cls = reg.methods[mname]
-            plugin = reg.sources.get(("methods", mname), "?")
             try:
-                method = build_method(cls, sweep.method_part(point, mname))
+                method, plugin = build_cell_method(task, mname, reg, sweep.method_part(point, mname),
+                                                   choice.methods.get(mname, {}))
             except HarnessError as exc:
                 raise HarnessError(f"{mname} at sweep point {_point_text(point)}: {exc}") if point else exc from None
-            except Exception as exc:
-                raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
             for seed in seeds:
-                train = training_config(task, choice, opts, seed, sweep.training_part(point))
+                train = training_config(task, choice, opts, seed, mname, sweep.training_part(point))
                 config = {"task": task.to_config(), "model": choice.to_config(),
                           "method": {"name": mname, "params": dataclasses.asdict(method)},
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
@@ -135,7 +135,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                           "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
                           "data_sources": sources, "fingerprints": fingerprints}
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
-                if d in seen:  # e.g. --epochs 2 against a task whose default already is 2, beside --sweep
+                if d in seen:  # two points resolving to one configuration would share (and fight over) a folder
                     raise HarnessError(f"{tname} x {mname} x seed {seed}: sweep points {_point_text(seen[d])} and "
                                        f"{_point_text(point)} resolve to the same configuration ({d.name})")
                 seen[d] = point
@@ -159,6 +159,27 @@ def only_cells(cells: list[Cell], wanted: list[str], output) -> list[Cell]:
 
 def _point_text(point: dict) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in point.items()) + "}"
+
+
+def build_cell_method(task: Task, mname: str, reg, sets: dict, profile: dict | None = None):
+    """The method of one task's cells: class defaults < the task's ``methods.<name>`` < the model profile's
+    ``methods.<name>`` (what its architecture needs) < ``--set``."""
+    cls = reg.methods[mname]
+    plugin = reg.sources.get(("methods", mname), "?")
+    task_params, _ = task.method_defaults(mname)
+    try:
+        if task_params:
+            try:
+                build_method(cls, task_params)  # a bad task default names the task file, not --set
+            except HarnessError as exc:
+                raise HarnessError(f"task '{task.name}' ({task.file}): methods.{mname}: {exc}") from None
+        method = build_method(cls, {**task_params, **(profile or {}), **sets})
+    except HarnessError:
+        raise
+    except Exception as exc:
+        raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
+    check_required(method, f"task '{task.name}' ({task.file}): ")
+    return method, plugin
 
 
 def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
