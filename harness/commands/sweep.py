@@ -113,6 +113,8 @@ def _method_values(where: str, cls: type, fld: str, raw: list) -> list:
         try:
             typed = getattr(build_method(cls, {fld: value}), fld)
         except HarnessError as exc:
+            if len(raw) == 1 and where.startswith("--set"):  # one value: the message as before the sweeps
+                raise
             raise HarnessError(f"{where}{value}: {exc}") from None
         if typed in out:
             raise HarnessError(f"{where}{value}: {cls.name}.{fld} value {value!r} is given more than once")
