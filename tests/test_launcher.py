@@ -117,3 +117,19 @@ def test_slurm_launcher_without_slurm_is_one_line(tasks, tmp_path, monkeypatch):
 def test_status_of_a_folder_without_cells(tmp_path):
     rc, _, err = run_cli("status", tmp_path, check=False)
     assert rc == 2 and "no cells under" in err
+
+
+def test_a_job_that_dies_before_its_cell_starts_is_recorded_failed(tmp_path, monkeypatch):
+    """What one array task does, called directly: the cell's process fails, so the job records why."""
+    from harness.commands import job
+    from harness.results.state import log_path, read_failure
+
+    monkeypatch.chdir(tmp_path)  # run_one moves to the submission directory
+    out, rel = tmp_path / "res", "m/t/npo/abcd1234-s0"
+    with pytest.raises(RuntimeError, match="exit code 2"):
+        job.run_one(["--tasks=no_such_task", "--methods=npo", f"--output={out}"], rel, str(out), str(tmp_path))
+    fail = read_failure(out / rel)
+    assert fail["error"].startswith("exit code 2; last output: error: ") and "no_such_task" in fail["error"]
+    assert fail["log"] == str(log_path(out, rel))
+    _, text, _ = run_cli("status", out)
+    assert f"failed   {rel}" in text.splitlines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -30,11 +31,12 @@ def run_one(argv: list[str], cell: str, output: str, cwd: str) -> str:
     d = Path(output) / cell
     if rc == 0 and (is_complete(d) or is_running(d)):  # done, or another job holds it (a duplicate submission)
         return cell
-    line = last_line(log) or f"exit code {rc}"
+    how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit code {rc}"
+    line = last_line(log)
     if not is_complete(d):
         marker = d / FAILED
         if not marker.is_file() or marker.stat().st_mtime < start:  # killed before the cell could say why
-            write_failure(d, line, str(log))
-    raise RuntimeError(f"cell {cell} failed (exit code {rc}): {line} (log: {log})")
+            write_failure(d, f"{how}; last output: {line}" if line else how, str(log))
+    raise RuntimeError(f"cell {cell} failed ({how}): {line} (log: {log})")
 
 

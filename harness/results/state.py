@@ -94,11 +94,13 @@ def summary(output) -> dict[str, list[tuple[str, dict | None]]]:
 
 
 def last_line(path: Path | None) -> str:
-    """The last non-empty line of a log (what a killed process left as its last word)."""
+    """The last non-empty line of a log that is not a progress bar (what a killed process last said)."""
     try:
-        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        text = Path(path).read_text(errors="replace")
     except (OSError, TypeError):
         return ""
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines()]
+    lines = [ln for ln in lines if ln and "%|" not in ln]  # tqdm bars: "... 40%|████ | 160/400 [...]"
     return lines[-1] if lines else ""
 
 
