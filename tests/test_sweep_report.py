@@ -118,3 +118,12 @@ def test_pareto_front():
     # MUSE: low forget_verbmem_ROUGE, high retain_knowmem_ROUGE
     assert pareto([(0.4, 0.1), (0.47, 0.2), (0.45, 0.3), (0.49, 0.3)], "higher", "lower") == [
         (0.4, 0.1), (0.47, 0.2), (0.49, 0.3)]
+
+
+def test_a_utility_of_zero_meets_a_floor_of_zero(tmp_path):
+    """A collapsed Finetuned utility (0, e.g. --limit on the test-size model) puts the floor at 0, which 0 meets."""
+    root = tmp_path / "r"
+    write_run(root, "tofu_forget01", "finetuned", "f0000000", 0, tofu(0.5, 0.0))
+    write_run(root, "tofu_forget01", "npo", "aaaaaaaa", 0, tofu(0.7, 0.0), {"lr": 1e-3})
+    write_run(root, "tofu_forget01", "npo", "bbbbbbbb", 0, tofu(1.0, 0.0), {"lr": 5e-4})
+    assert sweep_rows(run_cli("report", root)[1])[("tofu_forget01", "NPO")][3:5] == ["bbbbbbbb", "lr=0.0005"]

@@ -85,7 +85,8 @@ def select(points: list[Cell], fraction: float, objective: str | None = None) ->
                              "(score it with `harness run`, or pass --utility-fraction 0)")
                 continue
             ch.floor = fraction * base_u
-            candidates = [c for c in candidates if (_mean(c, ch.utility) or float("-inf")) >= ch.floor]
+            candidates = [c for c in candidates if _mean(c, ch.utility) is not None
+                          and _mean(c, ch.utility) >= ch.floor]
             if not candidates:
                 top = max((_mean(c, ch.utility) for c in group if _mean(c, ch.utility) is not None), default=None)
                 ch.reason = (f"no point keeps {ch.utility} >= {ch.floor:.3g} ({fraction:g} x Finetuned)"
