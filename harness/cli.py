@@ -40,6 +40,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-mask", choices=list(ATTENTION_MASKS),
                    help="reference: attention_mask = ids != pad as the published numbers (pad = eos hides eos tokens); corrected: mask padding only")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
+    _lm_eval_args(p)
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("lm-evaluation-harness (metric lm_eval; needs the lmeval extra)")
+    g.add_argument("--utility", metavar="TASKS", help="add lm-eval utility tasks (e.g. mmlu) to every selected task's scores")
+    g.add_argument("--lm-eval-tasks", metavar="TASKS", help="replace the lm-eval task list of the tasks' lm_eval metric")
+    g.add_argument("--lm-eval-num-fewshot", type=int, metavar="N", help="lm-eval few-shot count")
+    g.add_argument("--lm-eval-limit", type=float, metavar="N", help="lm-eval: first N docs per task (<1: a fraction)")
+    g.add_argument("--lm-eval-batch-size", type=int, metavar="N", help="lm-eval batch size (default: the scoring batch)")
+    g.add_argument("--lm-eval-chat-template", action=argparse.BooleanOptionalAction,
+                   help="render lm-eval prompts with the tokenizer's chat template")
+    g.add_argument("--lm-eval-include", action="append", metavar="DIR",
+                   help="directory of your own lm-eval task YAML files (repeatable)")
 
 
 class _Deprecated(argparse.Action):

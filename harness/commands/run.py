@@ -111,8 +111,10 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
     from harness.results.identity import check_inputs, identity_config
 
     cells = []
+    from harness.commands.eval import with_lm_eval_options
+
     for tname in tasks:
-        task = reg.tasks[tname]
+        task = with_lm_eval_options(reg.tasks[tname], opts)
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference)
         # Everything that chooses data (profile substitutions, tiny fallback, hub vs bundled vs --data-dir)
         # is decided here, before the hash: training and scoring then read exactly these sources.
