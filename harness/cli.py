@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.add_argument("--accelerate", metavar="single|ddp|zero3|FILE", help="re-launch under accelerate with a bundled or given config")
     p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int, metavar="N", help="train exactly N optimizer steps (HF max_steps; replaces epochs)")
     p.add_argument("--lr", type=float)
     _batch_args(p)
     p.add_argument("--per-device-batch", type=int)
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="?", const="published", metavar="CSV",
                    help="compare with the published numbers (shipped) or a CSV in the same layout")
     p.add_argument("--plot", metavar="FILE.png")
+    p.add_argument("--plot-x", metavar="METRIC", help="x axis of --plot instead of the family's, e.g. mmlu/acc (utility)")
+    p.add_argument("--plot-y", metavar="METRIC", help="y axis of --plot instead of the family's (an fnmatch pattern also works)")
     p.add_argument("--output", "-o", metavar="FILE")
     p.add_argument("--model", help="only this model's results")
     p.add_argument("--timing", action="store_true",

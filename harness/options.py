@@ -121,6 +121,7 @@ class RunOptions(Common, ModelOptions):
     output: str = "results"
     accelerate: str | None = None
     epochs: float | None = None
+    max_steps: int | None = None
     lr: float | None = None
     train_batch_size: int | None = None
     per_device_batch: int | None = None
@@ -144,6 +145,7 @@ class RunOptions(Common, ModelOptions):
         if len(set(seeds)) != len(seeds):  # 1,01
             raise HarnessError(f"--seeds {self.seeds!r}: a seed is given more than once")
         _positive("--epochs", self.epochs, integer=True, key="epochs")
+        _positive("--max-steps", self.max_steps, integer=True, key="max_steps")
         _positive("--lr", self.lr, key="lr")
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
@@ -205,6 +207,8 @@ class ReportOptions(Common):
     format: str = "md"
     compare: str | None = None
     plot: str | None = None
+    plot_x: str | None = None  # other plot axes than the family's, e.g. mmlu/acc (utility)
+    plot_y: str | None = None
     output: str | None = None
     model: str | None = None
     timing: bool = False
