@@ -144,7 +144,7 @@ def test_overrides_and_utility():
     assert with_overrides(base[:1], num_fewshot=5) == base[:1]  # no lm_eval entry, nothing to set
 
 
-def test_offline_hub_task_and_unknown_task_are_one_line_errors(tmp_path, tiny, lm_tasks):
+def test_offline_hub_task_and_unknown_task_are_one_line_errors(tmp_path, tiny, lm_tasks, wmdp_corpus):
     from lm_eval.tasks import TaskManager
 
     from harness.metrics import lmeval
@@ -157,6 +157,10 @@ def test_offline_hub_task_and_unknown_task_are_one_line_errors(tmp_path, tiny, l
                                            r"or the hub reachable") as e:
         evaluate_task(task, model, tok, None, progress=False)
     assert "\n" not in str(e.value)
+    # harness run checks lm-eval tasks with the data, before training (so no unlearning work is lost)
+    rc, _, err = run_cli("run", "-t", "wmdp_cyber", "-m", "grad_diff", "--model", "tiny:full", "--dry-run",
+                         "--data-dir", wmdp_corpus, "--lm-eval-tasks", "hub_only", "--lm-eval-include", d, check=False)
+    assert rc != 0 and "lm-eval task 'hub_only'" in err and len(err.strip().splitlines()) == 1
     tm = TaskManager(include_path=str(d), include_defaults=False)
     with pytest.raises(HarnessError, match=r"unknown lm-eval task 'mcq_tow' \(did you mean 'mcq_two'"):
         lmeval._load(tm, "mcq_tow", "lmcheck")
@@ -244,5 +248,20 @@ def test_utility_columns_next_to_tofu(tmp_path, lm_tasks):
     assert set(doc["metrics"]) == {"forget_Q_A_Prob", "mcq_two/acc"}
     tofu = json.loads((run / "TOFU_SUMMARY.json").read_text())
     assert list(tofu) == ["forget_Q_A_Prob"]  # the TOFU export keeps the open-unlearning layout
-    _, text, _ = run_cli("report", out)
-    assert "mcq_two/acc ↑" in text and "forget_quality" in text
+    _, text, _ = run_cli("report", out, "--plot", tmp_path / "u.png", "--plot-x", "mcq_two/acc",
+                         "--plot-y", "forget_Q_A_Prob")
+    assert "mcq_two/acc ↑" in text and "forget_quality" in text and (tmp_path / "u.png").stat().st_size
+
+
+def test_left_padding_and_max_steps_plan():
+    from harness.training import TrainConfig, plan
+    from harness.training.loop import method_batch
+
+    a, b = {"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}
+    batch = method_batch([a, b], [b], None, 0, "corrected", "left")
+    assert batch["forget"]["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]]
+    assert batch["forget"]["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert batch["forget"]["labels"].tolist() == [[-100, 5, 6], [-100, -100, 7]]
+    cfg = TrainConfig(batch_size=16, per_device_batch=1, max_steps=80, epochs=10)
+    p = plan(cfg, 100, 1)  # 7 steps per epoch: 80 steps take 12 epochs, the last one cut short
+    assert (p["steps_per_epoch"], p["total_steps"], p["epochs"]) == (7, 80, 12)

@@ -267,6 +267,10 @@ def check_grid_data(cells: list[Cell], opts: RunOptions) -> None:
             raise err
         corpus.announce_fallbacks(task, sources)
         check_data(task, opts.data_dir, opts.limit, start)
+        if any(name == "lm_eval" for name, _ in task.metrics):
+            from harness.metrics.lmeval import check_tasks
+
+            check_tasks(task)  # lm-eval tasks and their data, before any training
 
 
 def main(opts: RunOptions) -> int:

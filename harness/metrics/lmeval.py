@@ -211,6 +211,20 @@ def lm_eval_metric(ctx, tasks=None, num_fewshot: int | None = None, limit: int |
                  exports={f"{EXPORT}_EVAL.json": samples, f"{EXPORT}_SUMMARY.json": summary})
 
 
+def check_tasks(task) -> None:
+    """Before training (``harness run``): every lm-eval task of ``task``'s ``lm_eval`` entries exists and its
+    data loads, so a missing dataset stops the run before the unlearning work instead of after it."""
+    from types import SimpleNamespace
+
+    for name, args in task.metrics:
+        if name != "lm_eval":
+            continue
+        names = _task_list(args.get("tasks"))
+        tm = task_manager(_include_paths(SimpleNamespace(task=task), args.get("include_path")), names)
+        for n in names:
+            _load(tm, n, task.name)
+
+
 def with_overrides(metrics: list[tuple[str, dict]], *, tasks: list[str] | None = None,
                    utility: list[str] | None = None, include: list[str] | None = None,
                    **args) -> list[tuple[str, dict]]:
