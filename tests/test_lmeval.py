@@ -205,6 +205,19 @@ def wmdp_corpus(tmp_path_factory):
     return d
 
 
+def test_wmdp_published_setup_resolves(wmdp_corpus, lm_tasks):
+    """The reference WMDP experiment from the task YAML alone: zephyr-7b-beta, effective batch 16 (1 x 16),
+    lr 5e-5, 80 steps, constant schedule, left padding, RMU training only layers 5-7's down projections."""
+    d, _ = lm_tasks
+    _, out, _ = run_cli("run", "-t", "wmdp_cyber", "-m", "rmu,grad_diff", "--dry-run", "--data-dir", wmdp_corpus,
+                        "--lm-eval-tasks", "mcq_two", "--lm-eval-include", d)
+    assert out.count("model=zephyr-7b-beta") == 2 and "start: HuggingFaceH4/zephyr-7b-beta" in out
+    for setting in ("batch_size: 16", "per_device_batch: 1", "lr: 5.0e-05", "max_steps: 80", "schedule: constant",
+                    "padding_side: left", "max_length: 512"):
+        assert out.count(setting) == 2, setting
+    assert r"trainable_params: model\.layers\.(5|6|7)\.mlp\.down_proj\.weight" in out
+
+
 @pytest.mark.slow
 def test_wmdp_run_end_to_end(tmp_path, wmdp_corpus, lm_tasks):
     """Unlearn a WMDP-style task on the tiny model with the task's training defaults (constant schedule,
