@@ -235,6 +235,7 @@ def test_wmdp_run_end_to_end(tmp_path, wmdp_corpus, lm_tasks):
     assert cfg["training"]["padding_side"] == "left" and cfg["training"]["schedule"] == "constant"
     assert cfg["plan"]["total_steps"] == 5 and cfg["plan"]["epochs"] == 2 and cfg["plan"]["steps_per_epoch"] < 5
     assert cfg["versions"]["lm_eval"] and cfg["fingerprints"]["lm_eval_version"] == cfg["versions"]["lm_eval"]
+    assert str(d / "two.jsonl") in cfg["fingerprints"]["lm_eval_include"]  # custom tasks' files are in the identity
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 5 and len({r["lr"] for r in log}) == 1
     doc = json.loads((run / "scores.json").read_text())

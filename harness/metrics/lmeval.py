@@ -211,6 +211,24 @@ def lm_eval_metric(ctx, tasks=None, num_fewshot: int | None = None, limit: int |
                  exports={f"{EXPORT}_EVAL.json": samples, f"{EXPORT}_SUMMARY.json": summary})
 
 
+def include_fingerprints(task) -> dict[str, str]:
+    """Content fingerprints of the files (task YAML, data, helpers) under the include directories of a task's
+    ``lm_eval`` entries, for the run identity (data files elsewhere are not seen)."""
+    from types import SimpleNamespace
+
+    from harness.fingerprint import fingerprint
+
+    out = {}
+    for name, args in task.metrics:
+        if name != "lm_eval":
+            continue
+        for d in _include_paths(SimpleNamespace(task=task), args.get("include_path")):
+            for f in sorted(Path(d).rglob("*")):
+                if f.is_file() and f.suffix in (".yaml", ".yml", ".jsonl", ".json", ".py", ".txt", ".csv"):
+                    out[str(f)] = fingerprint(f)
+    return out
+
+
 def check_tasks(task) -> None:
     """Before training (``harness run``): every lm-eval task of ``task``'s ``lm_eval`` entries exists and its
     data loads, so a missing dataset stops the run before the unlearning work instead of after it."""

@@ -43,9 +43,10 @@ def identity_config(task, choice, registry, data_dir) -> dict:
            **choice.fingerprints(task.benchmark), "data": data_fingerprints(data_specs(task, choice, data_dir),
                                                                            data_dir)}
     if any(name == "lm_eval" for name, _ in task.metrics):
-        from harness.metrics.lmeval import installed_version
+        from harness.metrics.lmeval import include_fingerprints, installed_version
 
         out["lm_eval_version"] = installed_version()  # its tasks and prompts change between releases
+        out["lm_eval_include"] = include_fingerprints(task)  # custom lm-eval tasks and their files
     return out
 
 
