@@ -225,3 +225,39 @@ def test_missing_or_unknown_tracker_is_one_line_before_training(tmp_path, monkey
     line = _one_error(*run_cli(*common, "--report-to", "tensorbord", check=False)[::2])
     assert "unknown tracker" in line and "'tensorboard'" in line, line
     assert not list(out.rglob("train_log.jsonl"))
+
+
+def test_push_uploads_model_card_and_results_in_one_commit(tracked, monkeypatch):
+    """The upload itself needs the hub; what it sends is checked with huggingface_hub's API object stubbed."""
+    import huggingface_hub
+
+    from harness.results.hub_push import push_run
+
+    calls = []
+
+    class Api:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def create_commit(self, repo_id, operations, **kw):
+            calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations)))
+            return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="m",
+                                              commit_description="", oid="1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    url = push_run("me/t18", tracked, private=True)
+    assert url == "https://huggingface.co/me/t18/commit/1"
+    assert [c[0] for c in calls] == ["create_repo", "create_commit"]  # one commit
+    assert calls[0][2]["private"] is True and calls[0][2]["exist_ok"] is True
+    paths = calls[1][2]
+    assert {"README.md", "config.json", "model.safetensors"} <= set(paths)
+    (lm,) = tracked.glob("results_*.json")
+    assert {"results/scores.json", "results/config.yaml", "results/train_log.jsonl", f"results/{lm.name}",
+            "results/TOFU_EVAL.json"} <= set(paths)
+    assert not any("tensorboard" in p or "wandb" in p for p in paths)
+
+
+def test_finetune_checks_its_trackers_first(tmp_path):
+    rc, _, err = run_cli("finetune", "--model", "tiny:base", "-o", tmp_path / "ft", "--report-to", "wandbb",
+                         check=False)
+    assert "unknown tracker" in _one_error(rc, err) and not (tmp_path / "ft").exists()
