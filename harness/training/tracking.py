@@ -106,7 +106,9 @@ class Trackers:
                 tracker = cls(project, name=run_name, dir=str(log_dir / "wandb"))
             elif name == "mlflow":
                 tracker = cls(experiment_name=project, run_name=run_name)
-            else:  # the others take the project as their first argument, like accelerate's init_trackers
+            elif getattr(cls, "requires_logging_directory", False):  # as accelerate's init_trackers calls them
+                tracker = cls(project, str(log_dir / name))
+            else:
                 tracker = cls(project)
             if hasattr(tracker, "start"):
                 tracker.start()
