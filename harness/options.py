@@ -15,6 +15,7 @@ SLURM_TIME = "4:00:00"
 # the sweep selection keeps points whose utility is at least this fraction of the Finetuned row's
 UTILITY_FRACTION = 0.9  # --slurm-time default (per array task)
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
+TRACKER_PROJECT = "unlearn-harness"  # --tracker-project default (W&B project, MLflow experiment)
 
 
 def _positive(flag: str, value, *, integer: bool = False, key: str | None = None) -> None:
@@ -95,6 +96,17 @@ def slurm_minutes(text: str) -> int:
     if minutes <= 0:
         raise HarnessError(f"--slurm-time {text!r}: must be positive")
     return minutes
+def tracker_names(report_to: str | None) -> list[str]:
+    """``--report-to`` as tracker names (``none`` or not given: no tracking)."""
+    if not report_to or report_to.strip() == "none":
+        return []
+    return items("--report-to", report_to)
+
+
+def _trackers(report_to: str | None, project: str) -> None:
+    tracker_names(report_to)
+    if not str(project).strip():
+        raise HarnessError("--tracker-project: give a name")
 
 
 @dataclass
@@ -115,11 +127,36 @@ class ModelOptions:
     max_length: int | None = None
     attention_mask: str = "reference"
     limit: int | None = None
+    # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
+    utility: str | None = None
+    lm_eval_tasks: str | None = None
+    lm_eval_num_fewshot: int | None = None
+    lm_eval_limit: float | None = None
+    lm_eval_batch_size: int | None = None
+    lm_eval_chat_template: bool | None = None
+    lm_eval_include: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
+        for flag, value in (("--utility", self.utility), ("--lm-eval-tasks", self.lm_eval_tasks)):
+            if value is not None:
+                items(flag, value)
+        if self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0:
+            raise HarnessError(f"--lm-eval-num-fewshot must be >= 0, got {self.lm_eval_num_fewshot}")
+        _positive("--lm-eval-limit", self.lm_eval_limit)
+        _positive("--lm-eval-batch-size", self.lm_eval_batch_size, integer=True)
+
+    def lm_eval_overrides(self) -> dict:
+        """The lm_eval metric settings given on the command line (``harness.metrics.lmeval.with_overrides``)."""
+        limit = self.lm_eval_limit
+        if limit is not None and limit >= 1 and float(limit).is_integer():
+            limit = int(limit)
+        return {"tasks": items("--lm-eval-tasks", self.lm_eval_tasks) if self.lm_eval_tasks else None,
+                "utility": items("--utility", self.utility) if self.utility else None,
+                "include": list(self.lm_eval_include), "num_fewshot": self.lm_eval_num_fewshot, "limit": limit,
+                "batch_size": self.lm_eval_batch_size, "apply_chat_template": self.lm_eval_chat_template}
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
 
@@ -148,6 +185,7 @@ class RunOptions(Common, ModelOptions):
     output: str = "results"
     accelerate: str | None = None
     epochs: float | str | None = None  # one value or a comma separated sweep ("5,10")
+    max_steps: int | None = None
     lr: float | str | None = None  # one value or a comma separated sweep ("1e-5,2e-5")
     sweep: str | None = None  # YAML file: key -> list of values (commands/sweep.py)
     train_batch_size: int | None = None
@@ -167,11 +205,20 @@ class RunOptions(Common, ModelOptions):
     slurm_time: str = SLURM_TIME
     slurm_array_parallelism: int | None = None
     slurm_setup: list[str] = field(default_factory=list)
+    report_to: str | None = None  # accelerate tracker names, comma separated (e.g. tensorboard,wandb)
+    tracker_project: str = TRACKER_PROJECT
+    push_to_hub: str | None = None  # REPO_ID; may hold {task} {method} {seed} for a grid
+    private: bool = False
 
     def validate(self) -> None:
         ModelOptions.validate(self)
         items("--tasks", self.tasks)
         items("--methods", self.methods)
+        _trackers(self.report_to, self.tracker_project)
+        if self.private and not self.push_to_hub:
+            raise HarnessError("--private applies to --push-to-hub REPO_ID; give the repository too")
+        if self.push_to_hub is not None and not self.push_to_hub.strip():
+            raise HarnessError("--push-to-hub: give a repository id, e.g. my-name/tofu-npo")
         try:
             seeds = [int(s) for s in items("--seeds", self.seeds)]
         except ValueError:
@@ -179,6 +226,7 @@ class RunOptions(Common, ModelOptions):
         if len(set(seeds)) != len(seeds):  # 1,01
             raise HarnessError(f"--seeds {self.seeds!r}: a seed is given more than once")
         numbers("--epochs", self.epochs, integer=True, key="epochs")
+        _positive("--max-steps", self.max_steps, integer=True, key="max_steps")
         numbers("--lr", self.lr, key="lr")
         if self.launcher is not None and self.launcher not in LAUNCHERS:
             raise HarnessError(f"--launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
@@ -246,8 +294,11 @@ class FinetuneOptions(Common):
     data_dir: str | None = None
     max_length: int = 512
     overwrite: bool = False
+    report_to: str | None = None
+    tracker_project: str = TRACKER_PROJECT
 
     def validate(self) -> None:
+        _trackers(self.report_to, self.tracker_project)
         _positive("--epochs", self.epochs, integer=True)
         _positive("--lr", self.lr)
         _positive("--train-batch-size", self.train_batch_size, integer=True)
@@ -276,6 +327,8 @@ class ReportOptions(Common):
     format: str = "md"
     compare: str | None = None
     plot: str | None = None
+    plot_x: str | None = None  # other plot axes than the family's, e.g. mmlu/acc (utility)
+    plot_y: str | None = None
     output: str | None = None
     model: str | None = None
     timing: bool = False

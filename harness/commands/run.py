@@ -19,7 +19,7 @@ from harness.commands import sweep
 from harness.commands.job import LOG_ENV
 from harness.methods import build_method, check_required
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
-from harness.options import RunOptions
+from harness.options import RunOptions, tracker_names
 from harness.plugins import get_registry, one_line
 from harness.results.rundir import claim, is_complete, replacing, run_dir, write_config
 from harness.results.state import clear_failure, record_grid, write_failure
@@ -57,7 +57,7 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
 
 
 # --flag (or sweep key) -> TrainConfig field; --lr and --epochs arrive through the sweep point
-TRAIN_FLAGS = {"epochs": "epochs", "lr": "lr", "train_batch_size": "batch_size",
+TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "lr", "train_batch_size": "batch_size",
                "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
 
 
@@ -74,6 +74,8 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
     given.update(point or {})
     flags = {TRAIN_FLAGS[flag]: v for flag, v in given.items() if v is not None}
     cfg.update(flags)
+    if opts.epochs is not None and opts.max_steps is None:
+        cfg.pop("max_steps", None)  # --epochs asks for epochs: a task's step count (WMDP's 80) gives way
     if opts.gradient_checkpointing:
         cfg["gradient_checkpointing"] = True
     cfg["seed"] = seed
@@ -111,8 +113,10 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
 
     cells = []
     seen: dict[Path, dict] = {}
+    from harness.commands.eval import with_lm_eval_options
+
     for tname in tasks:
-        task = reg.tasks[tname]
+        task = with_lm_eval_options(reg.tasks[tname], opts)
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference)
         # Everything that chooses data (profile substitutions, tiny fallback, hub vs bundled vs --data-dir)
         # is decided here, before the hash: training and scoring then read exactly these sources.
@@ -231,24 +235,80 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     idk = None
     if getattr(cell.method, "uses_idk", False):
         idk = idk_items(task, tok, template, forget_rows, opts.data_dir, cfg.max_length)
-    write_config(cell.dir, cell.config, {"plan": training.plan(cfg, len(forget), 1)})
+    first_plan = training.plan(cfg, len(forget), 1)
+    write_config(cell.dir, cell.config, {"plan": first_plan})
     log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
              task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
-    result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
-                              retain, cfg, idk_items=idk, out_dir=cell.dir,
-                              cache_reference=not opts.no_cache_reference,
-                              save_dir=cell.dir / "model" if opts.save_model else None)
-    write_config(cell.dir, cell.config, {"plan": result.info})
-    if not is_main_process():
+    save = opts.save_model or bool(opts.push_to_hub)
+    tracker = open_trackers(cell, opts, first_plan)
+    try:
+        result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
+                                  retain, cfg, idk_items=idk, out_dir=cell.dir,
+                                  cache_reference=not opts.no_cache_reference,
+                                  save_dir=cell.dir / "model" if save else None, tracker=tracker)
+        write_config(cell.dir, cell.config, {"plan": result.info})
+        if not is_main_process():
+            return None
+        meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
+                "seed": cell.seed, "model": choice.label, "harness_version": __version__,
+                "train_seconds": round(time.time() - t0, 1), "hparams": hparams(cell), "sweep": cell.point}
+        if registry is None:
+            registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+        score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
+                    identity=meta, registry=registry, print_table=False, trained=True,
+                    model_path=str(cell.dir / "model") if save else None)
+        scores = read_scores(cell.dir)
+        if tracker is not None:
+            tracker.log_scores(scores["metrics"])
+        return scores
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def open_trackers(cell: Cell, opts: RunOptions, plan: dict):
+    """``--report-to``: the run's trackers, named after its directory (main process only; else None)."""
+    names = tracker_names(opts.report_to)
+    if not names or not is_main_process():
         return None
-    meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
-            "seed": cell.seed, "model": choice.label, "harness_version": __version__,
-            "train_seconds": round(time.time() - t0, 1), "hparams": hparams(cell), "sweep": cell.point}
-    if registry is None:
-        registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
-    score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
-                identity=meta, registry=registry, print_table=False)
-    return read_scores(cell.dir)
+    from harness.training.tracking import Trackers
+
+    return Trackers(names, run_name=cell.dir.name, log_dir=cell.dir, project=opts.tracker_project,
+                    config={**cell.config, "plan": plan, "run_dir": str(cell.dir)})
+
+
+def check_sharing(cells: list[Cell], opts: RunOptions) -> None:
+    """``--report-to`` packages and ``--push-to-hub`` (online, token, one repository per run): checked before
+    any training, so a missing package or an offline hub never surfaces after hours of work."""
+    from harness.training.tracking import check_trackers
+
+    check_trackers(tracker_names(opts.report_to))
+    if opts.push_to_hub:
+        from harness.results.hub_push import check_push
+
+        check_push([hub_repo(c, opts) for c in cells], opts.push_to_hub)
+
+
+def hub_repo(cell: Cell, opts: RunOptions) -> str:
+    from harness.results.hub_push import repo_for
+
+    return repo_for(opts.push_to_hub, task=cell.task.name, method=cell.method_name, seed=cell.seed)
+
+
+def share_cell(cell: Cell, opts: RunOptions, scores: dict) -> None:
+    """After a finished run with a saved model: its model card, then (``--push-to-hub``) the upload."""
+    model_dir = cell.dir / "model"
+    if not (model_dir / "config.json").is_file():
+        return
+    from harness.results.card import write_model_card
+
+    repo = hub_repo(cell, opts) if opts.push_to_hub else None
+    write_model_card(model_dir, scores, cell.config, repo_id=repo)
+    if repo:
+        from harness.results.hub_push import push_run
+
+        url = push_run(repo, cell.dir, private=opts.private)
+        print(f"pushed {cell.task.name} x {cell.method_name} x seed {cell.seed} to {repo}: {url}")
 
 
 def hparams(cell: Cell) -> dict:
@@ -301,6 +361,7 @@ def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     keep = [c for c in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
                         "privleak", "extraction_strength", "forget_knowmem_ROUGE", "forget_verbmem_ROUGE",
                         "retain_knowmem_ROUGE") if c in cols]
+    keep += [c for c in cols if "/" in c]  # lm-eval values (<task>/<metric>): WMDP accuracy, utility
     sheet = Sheet(["task", "method", "seed", *keep])
     for task, method, seed, sc in rows:
         m = sc.get("metrics", {})
@@ -320,6 +381,10 @@ def check_grid_data(cells: list[Cell], opts: RunOptions) -> None:
             raise err
         corpus.announce_fallbacks(task, sources)
         check_data(task, opts.data_dir, opts.limit, start)
+        if any(name == "lm_eval" for name, _ in task.metrics):
+            from harness.metrics.lmeval import check_tasks
+
+            check_tasks(task)  # lm-eval tasks and their data, before any training
 
 
 def main(opts: RunOptions) -> int:
@@ -333,6 +398,7 @@ def main(opts: RunOptions) -> int:
     if opts.cell:
         cells = only_cells(cells, opts.cell, opts.output)
     check_grid_data(cells, opts)  # --dry-run too: a dry run that passes means the run will start
+    check_sharing(cells, opts)
     if opts.dry_run:
         print_grid(cells)
         return 0
@@ -364,12 +430,14 @@ def main(opts: RunOptions) -> int:
         scores = run_cell(cell, opts, reg)
         if was_done:
             log.info("skip %s x %s x seed %d: finished earlier (%s)", cell.task.name, cell.method_name, cell.seed, cell.dir)
-            if opts.save_model and not (cell.dir / "model").is_dir():
+            if (opts.save_model or opts.push_to_hub) and not (cell.dir / "model").is_dir():
                 log.warning("--save-model: %s x %s x seed %d finished earlier without a saved model, so none was "
                             "saved; pass --overwrite to retrain it and save the model", cell.task.name,
                             cell.method_name, cell.seed)
         if scores is not None:
             rows.append((cell.task.name, cell.method_name, cell.seed, scores))
+            if (opts.save_model or opts.push_to_hub) and is_main_process():
+                share_cell(cell, opts, scores)
     if rows and is_main_process():
         print()
         print(summary_table(rows))

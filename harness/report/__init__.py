@@ -116,6 +116,9 @@ def main(opts: ReportOptions) -> int:
         if sweep:  # the trade-off view: every point, each method's front and its selected point
             plot_fronts(choices, points, Path(plot_path), args.utility_fraction)
         else:
+            from harness.report.plot import with_axes
+
+            with_axes(tables, args.plot_x, args.plot_y)
             plot(tables, Path(plot_path), published)
         print(f"plot written to {plot_path}")
     return 0
