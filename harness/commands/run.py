@@ -188,7 +188,8 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
              task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
     result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
-                              retain, cfg, idk_items=idk, out_dir=cell.dir,
+                              retain, cfg, idk_items=idk, out_dir=cell.dir, template=template,
+                              forget_qa=_forget_qa(task, forget_rows),
                               cache_reference=not opts.no_cache_reference,
                               save_dir=cell.dir / "model" if opts.save_model else None)
     write_config(cell.dir, cell.config, {"plan": result.info})
@@ -202,6 +203,14 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
                 identity=meta, registry=registry, print_table=False)
     return read_scores(cell.dir)
+
+
+def _forget_qa(task: Task, rows: list[dict]) -> list[tuple[str, str]] | None:
+    """The forget (question, answer) texts a method's prepare step sees (none for corpus tasks)."""
+    if task.train_format != "qa":
+        return None
+    q, a = task.field_name("question"), task.field_name("answer")
+    return [(r[q], r[a]) for r in rows]
 
 
 def read_scores(d: Path) -> dict:
