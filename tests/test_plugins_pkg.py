@@ -86,7 +86,7 @@ def test_installed_plugins_are_listed_and_benchmarked_next_to_npo(installed, tmp
     assert "Traceback" not in err
     assert _row(out, "maxent")[:6] == ["maxent", "MaxEnt", "none", "no", "harness-example-method", "0.1.0"]
     assert "gamma=1.0, alpha=1.0" in out
-    assert _row(out, "wga")[:5] == ["wga", "WGA", "none", "no", "methods/wga.py"]  # the built-in, no collision
+    assert _row(out, "wga")[:5] == ["wga", "WGA", "none", "no", "unlearn-harness"]  # the built-in, no collision
     # the copied, renamed, editable-installed method: its own name, distribution and version
     assert _row(out, "my_maxent")[:6] == ["my_maxent", "MaxEnt", "none", "no", "my-unlearn-method", "2.3.0"]
     assert _row(out, "mine")[:6] == ["mine", "entrypoint", "my-unlearn-method", "2.3.0", "loaded", "1"]
