@@ -293,3 +293,16 @@ def test_short_runs_lower_the_forget_answer_probability():
         result = unlearn(model, tok, build_method(METHODS[name], sets), forget, retain, cfg, template=template,
                          forget_qa=[(r["question"], r["answer"]) for r in rows])
         assert prob(result.model) < before, name
+
+
+@pytest.mark.parametrize("task", ["tofu_forget01", "tofu_forget10", "muse_news", "muse_books"])
+def test_tasks_carry_the_reference_experiments_defaults(task):
+    t = get_registry().tasks[task]
+    assert t.method_defaults("wga") == ({"beta": 1.0}, {"lr": 1e-5, "epochs": 5})
+    assert t.method_defaults("satimp") == ({"beta1": 5.0, "beta2": 1.0, "gamma": 0.1, "alpha": 1.0},
+                                           {"lr": 1e-5, "epochs": 5})
+    altpo = t.method_defaults("altpo")
+    if task.startswith("tofu"):
+        assert altpo == ({"beta": 0.1, "alpha": 1.0}, {"lr": 1e-5, "epochs": 2})
+    else:  # no question/answer forget data on MUSE
+        assert altpo == ({}, {})
