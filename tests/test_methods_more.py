@@ -306,3 +306,32 @@ def test_tasks_carry_the_reference_experiments_defaults(task):
         assert altpo == ({"beta": 0.1, "alpha": 1.0}, {"lr": 1e-5, "epochs": 2})
     else:  # no question/answer forget data on MUSE
         assert altpo == ({}, {})
+
+
+def test_a_failing_or_malformed_prepare_step_is_one_line_naming_the_method(tok, model):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from harness.methods import Method
+    from harness.plugins import guard_method
+    from harness.training.prepare import run_prepare
+
+    @dataclass
+    class Broken(Method):
+        name: ClassVar[str] = "broken_prep"
+        shape: str = "raise"
+
+        def prepare(self, start):
+            if self.shape == "raise":
+                return {}["missing"]
+            return {"forget": start.items, "alternate": start.items[:1]}
+
+        def loss(self, model, batch, ref):  # pragma: no cover - never trained
+            raise NotImplementedError
+
+    start = _prep(tok, model)
+    with pytest.raises(HarnessError, match=r"method 'broken_prep' from plugin 'drafts/b.py' failed in prepare\(\): "
+                                           r"KeyError"):
+        run_prepare(guard_method(Broken(), "broken_prep", "drafts/b.py"), start)
+    with pytest.raises(HarnessError, match="part 'alternate' has 1 items for 4 forget items"):
+        run_prepare(Broken(shape="short"), start)
