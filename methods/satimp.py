@@ -2,7 +2,7 @@
 the weight detached, so well-remembered but not saturated tokens are pushed hardest.
 
 forget = -mean_{valid t} [ p_t^beta1 * (1 - p_t)^beta2 * CE_t ],  p_t = exp(-CE_t) (detached),
-the mean over every valid token of the micro-batch; retain = HF token-mean NLL;
+the mean over every valid token of the micro-batch; retain = HF token-mean NLL (or KL, as GradDiff);
 loss = gamma * forget + alpha * retain.
 
 Defaults are the reference's SatImp.yaml, which the published experiments use: beta1=5, beta2=1,
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness import hookimpl
-from harness.losses import IGNORE, forward_logits, retain_loss, token_nll
+from harness.losses import IGNORE, RetainLossType, forward_logits, retain_loss, token_nll
 from harness.methods import Method
 
 
@@ -28,6 +28,11 @@ class SatImp(Method):
     beta2: float = 1.0
     alpha: float = 1.0
     gamma: float = 0.1
+    retain_loss_type: RetainLossType = "NLL"
+
+    def reference_needed(self):
+        # the KL retain term (as GradDiff's) needs the live frozen start model; the forget term never does
+        return "model" if self.retain_loss_type == "KL" else "none"
 
     def loss(self, model, batch, ref):
         f, r = batch["forget"], batch["retain"]
@@ -35,7 +40,7 @@ class SatImp(Method):
         p = (-ce.detach()).exp()
         weight = p ** self.beta1 * (1 - p) ** self.beta2
         forget = -(weight * ce)[f["labels"][:, 1:] != IGNORE].mean()
-        retain = retain_loss(model, r, ref)
+        retain = retain_loss(model, r, ref, self.retain_loss_type)
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 

@@ -20,9 +20,9 @@ SPEC_DEFAULTS = {
     "npo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0},
     "idk_dpo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0},
     "simnpo": {"delta": 0.0, "beta": 4.5, "alpha": 1.0, "gamma": 0.125},
-    "wga": {"beta": 1.0, "alpha": 1.0, "gamma": 1.0},
+    "wga": {"beta": 1.0, "alpha": 1.0, "gamma": 1.0, "retain_loss_type": "NLL"},
     # SatImp.yaml's values, which the published runs use (the class defaults are gamma=1, alpha=0.1)
-    "satimp": {"beta1": 5.0, "beta2": 1.0, "alpha": 1.0, "gamma": 0.1},
+    "satimp": {"beta1": 5.0, "beta2": 1.0, "alpha": 1.0, "gamma": 0.1, "retain_loss_type": "NLL"},
     "ce_u": {"ignore_first_n_answer_tokens": 1},
     "altpo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0, "n_alternates": 5, "temperature": 1.0,
               "max_new_tokens": 200},

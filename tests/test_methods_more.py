@@ -68,6 +68,11 @@ def test_wga_and_satimp_losses_by_hand(tok, model):
         # the defaults are the config's (gamma 0.1 on forget, alpha 1 on retain), not the class's reverse
         loss, parts = METHODS["satimp"]().loss(model, batch, None)
         assert math.isclose(float(loss), 0.1 * float(parts["forget"]) + float(parts["retain"]), rel_tol=1e-6)
+    from harness.methods import reference_of
+
+    for name in ("wga", "satimp"):  # weights never need the start model; a KL retain term does
+        assert reference_of(METHODS[name]()) == "none"
+        assert reference_of(METHODS[name](retain_loss_type="KL")) == "model"
 
 
 @pytest.mark.parametrize("name, weight", [
