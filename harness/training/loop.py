@@ -31,6 +31,7 @@ import torch
 from harness import HarnessError
 from harness.losses import forward_logits, token_mean_nll
 from harness.methods import TrainingState, reference_of, trainable_patterns
+from harness.options import EVAL_BATCH_SIZE
 from harness.training import distributed as dist_utils
 from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
 from harness.training.config import TrainConfig, plan
@@ -328,7 +329,7 @@ def unlearn(
 
         accelerator = accelerator or dist_utils.make_accelerator(cfg.accelerate)
         start = Preparation(model, tokenizer, list(forget_items), qa=list(forget_qa) if forget_qa else None,
-                            template=template, seed=cfg.seed, batch_size=cfg.per_device_batch,
+                            template=template, seed=cfg.seed, batch_size=EVAL_BATCH_SIZE,
                             cache_dir=Path(out_dir) / "prepare" if out_dir is not None else None,
                             max_length=cfg.max_length, accelerator=accelerator)
         extra = run_prepare(method, start)

@@ -46,7 +46,7 @@ class Preparation:
     template: Template | None = None
     seed: int = 0
     cache_dir: Path | None = None
-    batch_size: int = 8
+    batch_size: int = 32  # prompts per generate() call
     max_length: int = 512
     accelerator: Any = None
     generate_calls: int = field(default=0, init=False)  # generate() batches run (tests, logs)
