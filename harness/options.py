@@ -63,6 +63,7 @@ class ModelOptions:
     max_length: int | None = None
     attention_mask: str = "reference"
     limit: int | None = None
+    shared_prefix: bool = True  # --no-shared-prefix: one full pass per answer of an option set
 
     def validate(self) -> None:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""

@@ -88,7 +88,7 @@ def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *,
     scores = evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
                            batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
                            registry=registry, data_dir=opts.data_dir, model_label=choice.label,
-                           max_length=opts.max_length, identity=identity,
+                           max_length=opts.max_length, identity=identity, shared_prefix=getattr(opts, "shared_prefix", True),
                            reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code})
     if print_table:
         reg = registry or get_registry()

@@ -27,20 +27,24 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
-                  max_length: int | None = None, identity: dict | None = None) -> dict[str, Score]:
+                  max_length: int | None = None, identity: dict | None = None,
+                  timings: list | None = None, shared_prefix: bool = True) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
     or a ``harness.scoring.reference.Reference``; needed only by metrics that declare ``needs_reference``.
     Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
-    length-sorted batching (only for measuring what they save; the numbers stay the same).
+    length-sorted batching (only for measuring what they save; the numbers stay the same);
+    ``shared_prefix=False``: every answer of an option set gets its own full pass (no reused question
+    KV cache; equal up to float rounding). ``timings``: a list that receives one entry per primitive computed (the speed benchmark's breakdown).
     """
     t0 = time.perf_counter()
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
                       data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
-                      max_length=max_length, resolve_reference=resolve_reference)
+                      max_length=max_length, resolve_reference=resolve_reference, timings=timings,
+                      shared_prefix=shared_prefix)
     wanted = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in (metrics or task.metrics)]
     reg = ctx.registry
     for name, _ in wanted:
