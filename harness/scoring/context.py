@@ -41,6 +41,24 @@ def astuple_safe(s: Source) -> tuple:
     return tuple(getattr(s, f.name) for f in fields(s))
 
 
+class _MemoTokenizer:
+    """The tokenizer with ``__call__`` memoised by (text, options): a question's prompt is encoded
+    once for all its answers and for both its scoring and its generation item."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self._ids: dict[tuple, tuple] = {}
+
+    def __call__(self, text: str, **kw) -> dict:
+        key = (text, tuple(sorted(kw.items())))
+        if key not in self._ids:
+            self._ids[key] = tuple(self._tok(text, **kw)["input_ids"])
+        return {"input_ids": list(self._ids[key])}
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 class EvalContext:
     """Everything a metric function ``(ctx, **args) -> Score`` may read.
 
@@ -93,6 +111,7 @@ class EvalContext:
         # one entry per primitive computed: {"what", "source", "model", "seconds", "cpu", "rows", "tokens"};
         # the speed benchmark reads it, a reference context shares its parent's list
         self.timings: list[dict] = [] if timings is None else timings
+        self._memo_tokenizer = _MemoTokenizer(tokenizer)
 
     # ---------------------------------------------------------------- data
     @property
@@ -150,15 +169,19 @@ class EvalContext:
 
     def _encode(self, source: Source, generate: bool) -> tuple[list[dict], list]:
         """Encoded items (flat) and the per-row layout: an int (single) or list of ints (options)."""
-        rows = self.rows(source.role)
-        with self._timed("tokenise", source) as entry:
-            items, layout = self._encode_rows(source, rows, generate)
-            entry["rows"], entry["tokens"] = len(items), sum(len(it["input_ids"]) for it in items)
-        return items, layout
+        key = self._key("encode", source, generate)
+        if key not in self._prims:  # stats, label texts and GradNorm of a source read the same items
+            rows = self.rows(source.role)
+            with self._timed("tokenise", source) as entry:
+                items, layout = self._encode_rows(source, rows, generate)
+                entry["rows"], entry["tokens"] = len(items), sum(len(it["input_ids"]) for it in items)
+            self._prims[key] = (items, layout)
+        return self._prims[key]
 
     def _encode_rows(self, source: Source, rows: list[dict], generate: bool) -> tuple[list[dict], list]:
         from harness.data.encode import encode_qa, encode_text
 
+        tok = self._memo_tokenizer if self.share else self.tokenizer
         shots = ()
         if source.fewshot:
             shots = tuple((r[source.prompt], r[source.field]) for r in self.rows_all(source.fewshot))
@@ -177,11 +200,11 @@ class EvalContext:
                     if q is None:
                         raise HarnessError(f"task '{self.task.name}': data role '{source.role}' has no "
                                            f"question field '{source.prompt}'")
-                    it = encode_qa(self.tokenizer, self.template, q, t, fewshot=shots,
+                    it = encode_qa(tok, self.template, q, t, fewshot=shots,
                                    max_length=max_length, generate=generate)
                 elif source.kind == "text":
                     prefix = (row.get(source.prompt) or "") if source.prompt else ""
-                    it = encode_text(self.tokenizer, prefix, t or "", max_length=max_length,
+                    it = encode_text(tok, prefix, t or "", max_length=max_length,
                                      insert_space=source.insert_space, generate=generate)
                 else:
                     raise HarnessError(f"unknown data source kind {source.kind!r} (qa or text)")

@@ -72,9 +72,24 @@ def _order(items, sort: bool) -> list[int]:
     return idx
 
 
-def _batches(order: list[int], batch_size: int):
-    for s in range(0, len(order), batch_size):
-        yield order[s:s + batch_size]
+# attention cells (rows x positions^2) per batch: a batch of long rows is cut so the (B, H, T, T)
+# scores of the attention kernel stay bounded (batch 32 of 2049-token MUSE rows needs ~1 GB for
+# them on the tiny model; short TOFU rows never reach the bound, their batches are unchanged)
+ATTENTION_CELLS = 2 ** 24
+
+
+def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None):
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i]) if lengths is not None else 0
+        if cur and (len(cur) == batch_size or (len(cur) + 1) * w * w > ATTENTION_CELLS):
+            yield cur
+            cur, w = [], (lengths[i] if lengths is not None else 0)
+        cur.append(i)
+        width = w
+    if cur:
+        yield cur
 
 
 ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128k-token vocabularies
@@ -151,7 +166,8 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EV
     dev = _device(model)
     mask = attention_mask
     keep = _accepts(model, "logits_to_keep")
-    for chunk in _batches(_order(items, sort), batch_size):
+    lengths = [len(it["input_ids"]) for it in items]
+    for chunk in _batches(_order(items, sort), batch_size, lengths):
         batch = collate([items[i] for i in chunk], pad_id, side="right", mask=mask)
         ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         # rows before the first label's predecessor are never read: the lm head skips them
@@ -177,7 +193,7 @@ def shared_prefix_length(group: list[dict]) -> int:
     lcp = 0
     while lcp < n and all(x[lcp] == ids[0][lcp] for x in ids[1:]):
         lcp += 1
-    first = min((next((j for j, t in enumerate(it["labels"]) if t != IGNORE), len(it["labels"])) for it in group))
+    first = min(next((j for j, t in enumerate(it["labels"]) if t != IGNORE), len(it["labels"])) for it in group)
     return max(0, min(lcp, first - 1, n - 1))
 
 
@@ -285,7 +301,8 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
                       temperature=None, top_p=None, top_k=None)
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-    for chunk in _batches(_order(items, sort), batch_size):
+    lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
+    for chunk in _batches(_order(items, sort), batch_size, lengths):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
         gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **gen_kwargs)
