@@ -28,18 +28,22 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
                   max_length: int | None = None, identity: dict | None = None,
-                  timings: list | None = None, shared_prefix: bool = True) -> dict[str, Score]:
+                  lm_eval_run: dict | None = None, timings: list | None = None,
+                  shared_prefix: bool = True) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
     or a ``harness.scoring.reference.Reference``; needed only by metrics that declare ``needs_reference``.
     Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
-    length-sorted batching (only for measuring what they save; the numbers stay the same);
+    length-sorted batching (only for measuring what they save; the numbers stay the same).
+    ``lm_eval_run``: what the lm-eval results file records of the run (``model_args``, ``git_hash``, ...).
     ``shared_prefix=False``: every answer of an option set gets its own full pass (no reused question
-    KV cache; equal up to float rounding). ``timings``: a list that receives one entry per primitive computed (the speed benchmark's breakdown).
+    KV cache; equal up to float rounding). ``timings``: a list that receives one entry per primitive
+    computed (the speed benchmark's breakdown).
     """
     t0 = time.perf_counter()
+    wall0 = time.time()
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
                       data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
@@ -69,7 +73,9 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                     "reference": ctx._reference.describe() if ctx._reference is not None else None,
                     "seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
-                      partial=bool(limit), settings=settings, identity=identity)
+                      partial=bool(limit), settings=settings, identity=identity,
+                      lm_eval={"run": {"max_length": max_length, **(lm_eval_run or {})}, "tokenizer": tokenizer,
+                               "started": t0, "start_wall": wall0})
     return dict(ctx.scores)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from harness.io import finite_or_none, write_json, write_jsonl
 from harness.metrics import Score
 from harness.paths import safe_name
+from harness.scoring.lmeval_results import lm_eval_results, n_samples_of, write_lm_eval
 
 
 def _plain(v):
@@ -65,8 +66,10 @@ def sample_rows(scores: dict[str, Score]):
 
 
 def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: list[str], *,
-                  model_label: str, partial: bool, settings: dict, identity: dict | None = None) -> None:
-    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker)."""
+                  model_label: str, partial: bool, settings: dict, identity: dict | None = None,
+                  lm_eval: dict | None = None) -> None:
+    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, results_<time>.json (lm-eval's layout; ``lm_eval``:
+    its run details, see ``lmeval_results``), then scores.json (completion marker)."""
     out_dir = Path(out_dir)
     bench = safe_name(task.benchmark, f"task '{task.name}' benchmark")
     write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows(scores)))
@@ -77,6 +80,11 @@ def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: 
         m = registry.metrics.get(n)
         metrics[n] = {**_metric_value(s.value), "better": getattr(m, "better", None),
                       "version": getattr(m, "version", None), "top_level": n in top}
+    lm = dict(lm_eval or {})
+    run = {"model_name": model_label, "batch_size": settings.get("batch_size"), "limit": settings.get("limit"),
+           **lm.pop("run", {})}
+    write_lm_eval(out_dir, lm_eval_results(task, metrics, run=run, partial=partial,
+                                           n_samples=n_samples_of(scores), **lm))
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
     layout = {"benchmark": task.benchmark}
     if task.report is not None:
