@@ -155,6 +155,7 @@ def test_idk_methods_with_logprobs_keep_the_copy_for_drawn_pairs(tok, data):
     ("grad_diff", {}, "none"), ("grad_diff", {"retain_loss_type": "KL"}, "model"),
     ("npo", {}, "logprobs"), ("npo", {"retain_loss_type": "KL"}, "model"),
     ("idk_dpo", {}, "logprobs"), ("idk_dpo", {"retain_loss_type": "KL"}, "model"),
+    ("rmu", {}, "model"), ("undial", {}, "model"), ("pdu", {"retain_loss_eps": 0.3}, "none"),
 ])
 def test_builtin_reference_needs_per_configuration(name, params, kind):
     method = build_method(METHODS[name], params)
@@ -268,10 +269,14 @@ def test_ls_methods_shows_the_reference_each_default_configuration_needs():
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
     assert out.splitlines()[1].split()[:5] == ["name", "display", "reference", "idk", "from"]
     want = {"grad_ascent": ("none", "no"), "grad_diff": ("none", "no"), "npo": ("logprobs", "no"),
-            "idk_dpo": ("logprobs", "yes"), "simnpo": ("none", "no")}
+            "idk_dpo": ("logprobs", "yes"), "simnpo": ("none", "no"), "rmu": ("model", "no"),
+            "undial": ("model", "no"), "pdu": ("none", "no")}
     for name, (kind, idk) in want.items():
         assert tuple(rows[name][2:4]) == (kind, idk), rows[name]
     assert re.search(r"^\s+npo .*retain_loss_type=NLL \(NLL\|KL\)", out, re.M)
+    assert re.search(r"^\s+pdu .*retain_loss_eps=\(required\), .*dual_warmup_epochs=5", out, re.M)
+    assert re.search(r"^\s+rmu .*steering_coeff=2.0, module_regex=model\\.layers\\.7, trainable_params=\.\*", out, re.M)
+    assert re.search(r"^\s+undial .*gamma=1.0, alpha=0.0, beta=10.0", out, re.M)
 
 
 # ---------------------------------------------------------------------------------------------------

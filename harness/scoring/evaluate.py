@@ -18,8 +18,11 @@ from harness.scoring.reference import resolve_reference
 
 def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
     """Table rows: top-level metrics first (task order), then their dependencies."""
-    order = [n for n in top if n in scores] + [n for n in scores if n not in top]
-    return [(n, scores[n].value, getattr(registry.metrics.get(n), "better", "")) for n in order]
+    from harness.metrics import flat_scores
+
+    flat = flat_scores(scores)
+    order = sorted((r for r in flat if r[2] in top), key=lambda r: top.index(r[2])) + [r for r in flat if r[2] not in top]
+    return [(n, s.value, s.better or getattr(registry.metrics.get(parent), "better", "")) for n, s, parent in order]
 
 
 def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = EVAL_BATCH_SIZE,
