@@ -1,16 +1,19 @@
-"""Time a full TOFU forget10 evaluation of the tiny model: shared-pass engine vs naive.
+"""Where scoring time goes: one task's evaluation of the tiny model, broken down per primitive.
 
-naive  = every metric runs its own forward passes (nothing shared between metrics) and batches
-         rows in dataset order (as a one-pass-per-metric implementation does);
-engine = harness.scoring.evaluate's default: one pass per (model, split, field), shared by every metric
-         that reads it, length-sorted batches.
+Prints, for the shared-pass engine (the default of ``harness eval``) and optionally the naive mode
+(every metric runs its own passes, rows batched in dataset order), the wall time of model loading,
+data loading, tokenisation, each teacher-forced pass and each generation per source, GradNorm, the
+reference (retain model) scoring, and the rest (metric math, ROUGE, result files); tokens processed
+and tokens per second per primitive; and the peak resident memory of the process. With ``--repeat N``
+every figure is the minimum over N runs (the machine is shared: the minimum is the least disturbed).
+Both modes must give the same numbers; the script checks it.
 
-Both score the same metric suite (the task's default suite plus exact memorization and every
-MIA attack) against the tiny retain90 model; the retain model is scored once beforehand (it is
-cached by content hash in normal use), so both timings cover the evaluated model only.
-The script also checks that both give the same numbers.
+    python benchmarks/eval_speed.py --task tofu_forget05 [--mode both] [--repeat 3] [--threads 1]
+    python benchmarks/eval_speed.py --task muse_news --mode engine
 
-    python benchmarks/eval_speed.py [--limit N] [--batch-size 32] [--suite default|all]
+The retain model's scores are recomputed in every run (the cache of ``HARNESS_HOME/references`` is
+bypassed) so the reference's share is visible; ``--reference-cached`` scores it once beforehand.
+Run one task per process: peak memory is the process's.
 """
 
 from __future__ import annotations
@@ -18,68 +21,173 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
+import sys
+import tempfile
 import time
+from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+CLOCK = "cpu"  # set by --clock
 EXTRA = ["exact_memorization", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "mia_gradnorm",
          "mia_reference"]
 
 
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 1024
+
+
+def breakdown(timings: list[dict]) -> dict[tuple, dict]:
+    """Sum the context's timing entries per (model, primitive, source)."""
+    out: dict[tuple, dict] = defaultdict(lambda: {"seconds": 0.0, "rows": 0, "tokens": 0, "new_tokens": 0})
+    clock = "cpu" if CLOCK == "cpu" else "seconds"
+    for e in timings:
+        what = e["what"]
+        # MIA sources are the privleak / MIA splits; name them so the table reads per metric family
+        k = (e["model"], what, e["source"])
+        d = out[k]
+        d["seconds"] += e[clock]
+        d["rows"] += e.get("rows", 0)
+        d["tokens"] += e.get("tokens", 0)
+        d["new_tokens"] += e.get("new_tokens", 0)
+    return dict(out)
+
+
+def run_once(task, model, tok, template, metrics, ref_spec, args, reg, *, share: bool, sort: bool,
+             reference_cached):
+    from harness.scoring.context import EvalContext
+    from harness.scoring.evaluate import evaluate_task
+    from harness.scoring.reference import resolve_reference
+
+    timings: list[dict] = []
+    ref = reference_cached
+    if ref is None and ref_spec is not None:
+        ctx = EvalContext(task, model, tok, template, batch_size=args.batch_size, limit=args.limit,
+                          progress=False, registry=reg, reference_options={"dtype": "float32"},
+                          timings=timings)
+        ref = resolve_reference(ref_spec, ctx)
+        ref.logs = {}  # recompute: the reference's scoring is part of what is measured
+        ref.path = Path(tempfile.mkdtemp()) / "EVAL.json"
+    clock = time.process_time if CLOCK == "cpu" else time.perf_counter
+    t = clock()
+    scores = evaluate_task(task, model, tok, template, reference=ref, batch_size=args.batch_size,
+                           limit=args.limit, metrics=metrics, progress=False, registry=reg,
+                           share=share, sort=sort, timings=timings, shared_prefix=share and args.shared_prefix == "on")
+    return clock() - t, scores, timings
+
+
+def print_table(title: str, total: float, table: dict[tuple, dict], model_load: float) -> None:
+    print(f"\n{title}: {total:.2f} {CLOCK} s scoring (+ {model_load:.2f} {CLOCK} s model load)")
+    print(f"  {'model':<10} {'primitive':<9} {'source':<52} {'s':>7} {'share':>6} {'rows':>5} "
+          f"{'tokens':>8} {'tok/s':>8}")
+    accounted = 0.0
+    for (who, what, src), d in sorted(table.items(), key=lambda kv: -kv[1]["seconds"]):
+        toks = d["tokens"] + d["new_tokens"]
+        rate = toks / d["seconds"] if d["seconds"] > 0 and toks else float("nan")
+        accounted += d["seconds"]
+        print(f"  {who:<10} {what:<9} {src[:52]:<52} {d['seconds']:7.2f} {d['seconds'] / total:6.1%} "
+              f"{d['rows']:5d} {toks:8d} {rate:8.0f}")
+    print(f"  {'':<10} {'other':<9} {'metric math, ROUGE, reference files':<52} {total - accounted:7.2f} "
+          f"{(total - accounted) / total:6.1%}")
+
+
+def min_tables(runs: list[tuple[float, dict]]) -> tuple[float, dict]:
+    """Per key, the minimum over runs (the least disturbed figure on a shared machine)."""
+    total = min(r[0] for r in runs)
+    out = {}
+    for k in runs[0][1]:
+        best = min((r[1][k] for r in runs if k in r[1]), key=lambda d: d["seconds"])
+        out[k] = best
+    return total, out
+
+
+def worst_difference(a: dict, b: dict) -> float:
+    worst = 0.0
+    for name, s in a.items():
+        x, y = s.value, b[name].value
+        if x is not None and y is not None and not (math.isnan(x) or math.isnan(y)):
+            worst = max(worst, abs(x - y) / max(abs(x), abs(y), 1e-30))
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="tofu_forget10")
+    ap.add_argument("--task", default="tofu_forget05")
     ap.add_argument("--limit", type=int, default=None, help="first N rows of each split (default: all)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--suite", choices=["default", "all"], default="all")
+    ap.add_argument("--suite", choices=["default", "all"], default="default",
+                    help="default: the task's metric suite; all: plus exact memorization and every MIA attack")
+    ap.add_argument("--mode", choices=["engine", "naive", "both"], default="engine")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per mode; figures are the minimum")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: process CPU seconds (default; least disturbed by other processes on a shared "
+                         "machine); wall: elapsed seconds")
+    ap.add_argument("--shared-prefix", choices=["on", "off"], default="on",
+                    help="compute the shared question prefix of option sets once (default on)")
+    ap.add_argument("--reference-cached", action="store_true", help="score the retain model once beforehand")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = args.clock
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     from harness.models.load import load_model, load_tokenizer
-    from harness.models.tiny import TINY_TEMPLATE, tiny_model_dir
+    from harness.models.profiles import finalize_template, resolve_model
     from harness.plugins import get_registry
-    from harness.scoring.evaluate import evaluate_task
-    from harness.scoring.reference import Reference, resolve_reference
 
     reg = get_registry()
     task = reg.tasks[args.task]
-    split = args.task.split("forget")[-1]
-    target, retain = tiny_model_dir("full"), tiny_model_dir(f"retain{100 - int(split)}")
-    tok = load_tokenizer(str(target))
-    model = load_model(str(target))
+    choice = resolve_model("tiny", task, template_file=None, reference=None, retain=False)
+    clock = time.process_time if CLOCK == "cpu" else time.perf_counter
+    t = clock()
+    tok = load_tokenizer(choice.tokenizer_path())
+    model = load_model(choice.start_path(), dtype=choice.load_dtype())
+    model_load = clock() - t
+    template = finalize_template(choice, tok)
     metrics = [n for n, _ in task.metrics] + (EXTRA if args.suite == "all" else [])
+    ref_spec = choice.reference
 
-    from harness.scoring.context import EvalContext
+    cached = None
+    if args.reference_cached and ref_spec is not None:
+        from harness.scoring.context import EvalContext
+        from harness.scoring.reference import resolve_reference
 
-    # score the reference once (as its cache would), shared by both timed runs
-    ctx = EvalContext(task, model, tok, TINY_TEMPLATE, batch_size=args.batch_size, limit=args.limit,
-                      progress=False, registry=reg, reference_options={"dtype": "float32"})
-    ref: Reference = resolve_reference(str(retain), ctx)
-    for key in ("forget_truth_ratio", "mia_min_k"):
-        ref.entry(key)
-    ref.load_model()
+        ctx = EvalContext(task, model, tok, template, batch_size=args.batch_size, limit=args.limit,
+                          progress=False, registry=reg, reference_options={"dtype": "float32"})
+        cached = resolve_reference(ref_spec, ctx)
+        for key in ("forget_truth_ratio", "mia_min_k"):
+            if key in reg.metrics:
+                cached.entry(key)
 
-    def run(share: bool, sort: bool):
-        t = time.perf_counter()
-        scores = evaluate_task(task, model, tok, TINY_TEMPLATE, reference=ref, batch_size=args.batch_size,
-                               limit=args.limit, metrics=metrics, progress=False, registry=reg,
-                               share=share, sort=sort)
-        return time.perf_counter() - t, scores
-
-    t_naive, s_naive = run(share=False, sort=False)
-    t_engine, s_engine = run(share=True, sort=True)
-    worst = 0.0
-    for name, s in s_engine.items():
-        a, b = s.value, s_naive[name].value
-        if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)):
-            worst = max(worst, abs(a - b) / max(abs(a), abs(b), 1e-30))
+    modes = {"engine": [(True, True)], "naive": [(False, False)], "both": [(False, False), (True, True)]}[args.mode]
+    results = {}
+    for share, sort in modes:
+        runs, scores = [], None
+        for _ in range(args.repeat):
+            total, scores, timings = run_once(task, model, tok, template, metrics, ref_spec, args, reg,
+                                              share=share, sort=sort, reference_cached=cached)
+            runs.append((total, breakdown(timings)))
+        results["engine" if share else "naive"] = (min_tables(runs), scores)
     rows = args.limit or "all"
-    print(f"{args.task} ({args.suite} suite, {len(s_engine)} metrics incl. dependencies, rows per split: {rows}, "
-          f"batch {args.batch_size})")
-    print(f"naive  (one pass per metric, dataset order): {t_naive:8.1f} s")
-    print(f"engine (shared passes, length-sorted)      : {t_engine:8.1f} s")
-    print(f"speed-up: {t_naive / t_engine:.2f}x   largest relative difference between the two: {worst:.2e}")
+    n_metrics = len(next(iter(results.values()))[1])
+    print(f"{args.task} ({args.suite} suite, {n_metrics} metrics incl. dependencies, rows per split: {rows}, "
+          f"batch {args.batch_size}, {torch.get_num_threads()} torch thread(s), min of {args.repeat} run(s), "
+          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    for name, ((total, table), _) in results.items():
+        print_table(name, total, table, model_load)
+    if len(results) == 2:
+        (tn, _), sn = results["naive"]
+        (te, _), se = results["engine"]
+        print(f"\nspeed-up engine vs naive: {tn / te:.2f}x   largest relative difference: {worst_difference(se, sn):.2e}")
+    print(f"peak RSS of this process: {peak_rss_mb():.0f} MB")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

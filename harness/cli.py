@@ -44,6 +44,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-mask", choices=list(ATTENTION_MASKS),
                    help="reference: attention_mask = ids != pad as the published numbers (pad = eos hides eos tokens); corrected: mask padding only")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
+    p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                   help="score every answer of an option set (perturbed answers) with its own full pass instead of "
+                        "reusing the question's KV cache (same numbers up to float rounding; slower)")
     _lm_eval_args(p)
 
 

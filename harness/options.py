@@ -127,6 +127,7 @@ class ModelOptions:
     max_length: int | None = None
     attention_mask: str = "reference"
     limit: int | None = None
+    shared_prefix: bool = True  # --no-shared-prefix: one full pass per answer of an option set
     # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
     utility: str | None = None
     lm_eval_tasks: str | None = None

@@ -204,11 +204,11 @@ def test_legacy_needs_reference_declarations_map_onto_reference(tok, data, monke
 
     # loaded under another name: sys.modules must not hold the example before test_plugins_pkg installs it
     src = ROOT / "examples" / "harness-example-method" / "harness_example_method" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("example_wga_unregistered", src)
+    spec = importlib.util.spec_from_file_location("example_maxent_unregistered", src)
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses resolve ClassVar through it
     spec.loader.exec_module(example)
-    assert reference_of(example.WGA()) == "none"  # the example plugin declares needs_reference = False
+    assert reference_of(example.MaxEnt()) == "none"  # the example plugin declares needs_reference = False
     assert reference_of(LegacyModel()) == "model"
     assert reference_of(LegacyLogprobs()) == "logprobs"
     assert reference_of(LegacyPerInstance()) == "none" and not LegacyPerInstance().needs_reference

@@ -26,14 +26,25 @@ SPEC_DEFAULTS = {
     "undial": {"gamma": 1.0, "alpha": 0.0, "beta": 10.0},
     "pdu": {"retain_loss_eps": None, "gamma": 1.0, "alpha": 1.0, "primal_dual": True, "dual_step_size": 1.0,
             "dual_update_upon": "step", "dual_warmup_epochs": 5},
+    "wga": {"beta": 1.0, "alpha": 1.0, "gamma": 1.0, "retain_loss_type": "NLL"},
+    # SatImp.yaml's values, which the published runs use (the class defaults are gamma=1, alpha=0.1)
+    "satimp": {"beta1": 5.0, "beta2": 1.0, "alpha": 1.0, "gamma": 0.1, "retain_loss_type": "NLL"},
+    "ce_u": {"ignore_first_n_answer_tokens": 1},
+    "altpo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0, "n_alternates": 5, "temperature": 1.0,
+              "max_new_tokens": 200},
 }
 DISPLAY = {"grad_ascent": "GradAscent", "grad_diff": "GradDiff", "npo": "NPO", "idk_dpo": "IdkDPO",
-           "simnpo": "SimNPO", "rmu": "RMU", "undial": "UNDIAL", "pdu": "PDU"}
+           "simnpo": "SimNPO", "rmu": "RMU", "undial": "UNDIAL", "pdu": "PDU",
+           "wga": "WGA", "satimp": "SatImp", "ce_u": "CE-U", "altpo": "AltPO"}
+
+
+# keeps the step fast: AltPO's prepare step would sample 200 tokens per alternate on the toy model
+ONE_STEP_OVERRIDES = {"altpo": {"max_new_tokens": 8}}
 
 
 def _instance(cls):
     """The default configuration; a required hyper-parameter (PDU's retain_loss_eps) gets a plain value."""
-    return cls(**{f: 0.3 for f in required_fields(cls)})
+    return cls(**{f: 0.3 for f in required_fields(cls)}, **ONE_STEP_OVERRIDES.get(cls.name, {}))
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY.methods))

@@ -243,8 +243,8 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     tracker = open_trackers(cell, opts, first_plan)
     try:
         result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
-                                  retain, cfg, idk_items=idk, out_dir=cell.dir,
-                                  cache_reference=not opts.no_cache_reference,
+                                  retain, cfg, idk_items=idk, out_dir=cell.dir, template=template,
+                                  forget_qa=_forget_qa(task, forget_rows), cache_reference=not opts.no_cache_reference,
                                   save_dir=cell.dir / "model" if save else None, tracker=tracker)
         write_config(cell.dir, cell.config, {"plan": result.info})
         if not is_main_process():
@@ -318,6 +318,14 @@ def hparams(cell: Cell) -> dict:
         if v is None or isinstance(v, (bool, int, float, str)):
             out[f"{cell.method_name}.{k}"] = v
     return out
+
+
+def _forget_qa(task: Task, rows: list[dict]) -> list[tuple[str, str]] | None:
+    """The forget (question, answer) texts a method's prepare step sees (none for corpus tasks)."""
+    if task.train_format != "qa":
+        return None
+    q, a = task.field_name("question"), task.field_name("answer")
+    return [(r[q], r[a]) for r in rows]
 
 
 def read_scores(d: Path) -> dict:

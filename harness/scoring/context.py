@@ -10,6 +10,8 @@ Metric results are memoised too (``ctx.score(name)``), so every dependency of a 
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
 
@@ -39,6 +41,24 @@ def astuple_safe(s: Source) -> tuple:
     return tuple(getattr(s, f.name) for f in fields(s))
 
 
+class _MemoTokenizer:
+    """The tokenizer with ``__call__`` memoised by (text, options): a question's prompt is encoded
+    once for all its answers and for both its scoring and its generation item."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self._ids: dict[tuple, tuple] = {}
+
+    def __call__(self, text: str, **kw) -> dict:
+        key = (text, tuple(sorted(kw.items())))
+        if key not in self._ids:
+            self._ids[key] = tuple(self._tok(text, **kw)["input_ids"])
+        return {"input_ids": list(self._ids[key])}
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 class EvalContext:
     """Everything a metric function ``(ctx, **args) -> Score`` may read.
 
@@ -48,14 +68,16 @@ class EvalContext:
     ``reference_entry(key, metric=...)`` and ``reference_model()``.
 
     ``share=False`` disables sharing of primitives between metrics (each metric computes its own
-    passes, like a naive implementation); it exists for the speed benchmark.
+    passes, like a naive implementation); it exists for the speed benchmark. ``shared_prefix=False``
+    scores every answer of an option set (perturbed answers) with its own full pass instead of
+    reusing the question's KV cache (same numbers up to float rounding).
     """
 
     def __init__(self, task, model, tokenizer, template, *, reference=None, batch_size: int = EVAL_BATCH_SIZE,
                  attention_mask: str = "reference", limit: int | None = None, progress: bool = True,
                  registry=None, data_dir=None, share: bool = True, sort: bool = True,
                  reference_options: dict | None = None, label: str = "target", max_length: int | None = None,
-                 resolve_reference=None):
+                 resolve_reference=None, timings: list | None = None, shared_prefix: bool = True):
         if attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"attention_mask must be one of {ATTENTION_MASKS}, got {attention_mask!r}")
         if batch_size < 1:
@@ -71,6 +93,7 @@ class EvalContext:
         self.data_dir = data_dir
         self.share = share
         self.sort = sort
+        self.shared_prefix = shared_prefix  # option sets: one pass over the question, reused per answer
         self.label = label  # names the model in progress bars
         self.max_length = max_length  # --max-length: caps every source's max_length
         self._registry = registry
@@ -85,6 +108,10 @@ class EvalContext:
         self.scores: dict[str, Score] = {}  # by name, in order of completion (dependencies first)
         self.metric_args: dict[str, dict] = {}
         self._stack: list[str] = []
+        # one entry per primitive computed: {"what", "source", "model", "seconds", "cpu", "rows", "tokens"};
+        # the speed benchmark reads it, a reference context shares its parent's list
+        self.timings: list[dict] = [] if timings is None else timings
+        self._memo_tokenizer = _MemoTokenizer(tokenizer)
 
     # ---------------------------------------------------------------- data
     @property
@@ -112,7 +139,8 @@ class EvalContext:
         if role not in self._rows:
             from harness.data.splits import load_split
 
-            rows = load_split(self.task.data_spec(role), self.data_dir)
+            with self._timed("data", role):
+                rows = load_split(self.task.data_spec(role), self.data_dir)
             self._rows[role] = rows[: self.limit] if self.limit else rows
         return self._rows[role]
 
@@ -123,15 +151,37 @@ class EvalContext:
 
         return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
+    @contextmanager
+    def _timed(self, what: str, source, *, model: str | None = None, rows: int = 0, tokens: int = 0):
+        entry = {"what": what, "source": source.label() if isinstance(source, Source) else str(source),
+                 "model": model or self.label, "seconds": 0.0, "cpu": 0.0, "rows": rows, "tokens": tokens}
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield entry
+        finally:
+            entry["seconds"] = time.perf_counter() - t0
+            entry["cpu"] = time.process_time() - c0  # CPU seconds: what a shared machine disturbs least
+            self.timings.append(entry)
+
     def _key(self, *parts) -> tuple:
         # the naive mode keys primitives by the metric being computed, so nothing is shared
         return parts if self.share else (*parts, tuple(self._stack[-1:]))
 
     def _encode(self, source: Source, generate: bool) -> tuple[list[dict], list]:
         """Encoded items (flat) and the per-row layout: an int (single) or list of ints (options)."""
+        key = self._key("encode", source, generate)
+        if key not in self._prims:  # stats, label texts and GradNorm of a source read the same items
+            rows = self.rows(source.role)
+            with self._timed("tokenise", source) as entry:
+                items, layout = self._encode_rows(source, rows, generate)
+                entry["rows"], entry["tokens"] = len(items), sum(len(it["input_ids"]) for it in items)
+            self._prims[key] = (items, layout)
+        return self._prims[key]
+
+    def _encode_rows(self, source: Source, rows: list[dict], generate: bool) -> tuple[list[dict], list]:
         from harness.data.encode import encode_qa, encode_text
 
-        rows = self.rows(source.role)
+        tok = self._memo_tokenizer if self.share else self.tokenizer
         shots = ()
         if source.fewshot:
             shots = tuple((r[source.prompt], r[source.field]) for r in self.rows_all(source.fewshot))
@@ -150,11 +200,11 @@ class EvalContext:
                     if q is None:
                         raise HarnessError(f"task '{self.task.name}': data role '{source.role}' has no "
                                            f"question field '{source.prompt}'")
-                    it = encode_qa(self.tokenizer, self.template, q, t, fewshot=shots,
+                    it = encode_qa(tok, self.template, q, t, fewshot=shots,
                                    max_length=max_length, generate=generate)
                 elif source.kind == "text":
                     prefix = (row.get(source.prompt) or "") if source.prompt else ""
-                    it = encode_text(self.tokenizer, prefix, t or "", max_length=max_length,
+                    it = encode_text(tok, prefix, t or "", max_length=max_length,
                                      insert_space=source.insert_space, generate=generate)
                 else:
                     raise HarnessError(f"unknown data source kind {source.kind!r} (qa or text)")
@@ -180,17 +230,26 @@ class EvalContext:
     # ----------------------------------------------------------- primitives
     def stats(self, source, *, model: str = "target") -> list:
         """P1-P3 ``SeqStats`` per row (a list per row for list-valued answer columns)."""
-        from harness.scoring.primitives import forward_stats
+        from harness.scoring.primitives import forward_stats, forward_stats_shared
 
         source = Source.of(source)
         key = self._key("stats", model, source)
         if key not in self._prims:
             items, layout = self._encode(source, generate=False)
             m = self.model if model == "target" else self.reference_model()
-            bar = self._tqdm(len(items), f"{self.label if model == 'target' else 'reference'} forward {source.label()}")
+            who = self.label if model == "target" else "reference"
+            bar = self._tqdm(len(items), f"{who} forward {source.label()}")
             try:
-                vals = forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
-                                     attention_mask=self.attention_mask, sort=self.sort, progress=bar)
+                with self._timed("forward", source, model=who, rows=len(items),
+                                 tokens=sum(len(it["input_ids"]) for it in items)):
+                    groups = [s for s in layout if isinstance(s, list)]
+                    if self.shared_prefix and groups and len(groups) == len(layout):
+                        vals = forward_stats_shared(m, items, groups, self.pad_id, batch_size=self.batch_size,
+                                                    attention_mask=self.attention_mask, sort=self.sort,
+                                                    progress=bar)
+                    else:
+                        vals = forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
+                                             attention_mask=self.attention_mask, sort=self.sort, progress=bar)
             finally:
                 if bar is not None:
                     bar.close()
@@ -219,9 +278,11 @@ class EvalContext:
                 raise HarnessError(f"generation needs one target per row; '{source.label()}' is a list column")
             bar = self._tqdm(len(items), f"{self.label} generate {source.label()}")
             try:
-                vals = generate(self.model, self.tokenizer, items, batch_size=self.batch_size,
-                                attention_mask=self.attention_mask, max_new_tokens=max_new_tokens,
-                                stop=tuple(stop), sort=self.sort, progress=bar)
+                with self._timed("generate", source, rows=len(items),
+                                 tokens=sum(len(it["input_ids"]) for it in items)) as entry:
+                    vals = generate(self.model, self.tokenizer, items, batch_size=self.batch_size,
+                                    attention_mask=self.attention_mask, max_new_tokens=max_new_tokens,
+                                    stop=tuple(stop), sort=self.sort, progress=bar, counts=entry)
             finally:
                 if bar is not None:
                     bar.close()
@@ -251,7 +312,10 @@ class EvalContext:
             items, layout = self._encode(source, generate=False)
             bar = self._tqdm(len(items), f"{self.label} gradnorm {source.label()}")
             try:
-                vals = gradnorms(self.model, items, self.pad_id, p=p, attention_mask=self.attention_mask, progress=bar)
+                with self._timed("gradnorm", source, rows=len(items),
+                                 tokens=sum(len(it["input_ids"]) for it in items)):
+                    vals = gradnorms(self.model, items, self.pad_id, p=p, attention_mask=self.attention_mask,
+                                     progress=bar)
             finally:
                 if bar is not None:
                     bar.close()

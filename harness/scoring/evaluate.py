@@ -31,7 +31,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
                   max_length: int | None = None, identity: dict | None = None,
-                  lm_eval_run: dict | None = None) -> dict[str, Score]:
+                  lm_eval_run: dict | None = None, timings: list | None = None,
+                  shared_prefix: bool = True) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
@@ -40,13 +41,17 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
     length-sorted batching (only for measuring what they save; the numbers stay the same).
     ``lm_eval_run``: what the lm-eval results file records of the run (``model_args``, ``git_hash``, ...).
+    ``shared_prefix=False``: every answer of an option set gets its own full pass (no reused question
+    KV cache; equal up to float rounding). ``timings``: a list that receives one entry per primitive
+    computed (the speed benchmark's breakdown).
     """
     t0 = time.perf_counter()
     wall0 = time.time()
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
                       data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
-                      max_length=max_length, resolve_reference=resolve_reference)
+                      max_length=max_length, resolve_reference=resolve_reference, timings=timings,
+                      shared_prefix=shared_prefix)
     wanted = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in (metrics or task.metrics)]
     reg = ctx.registry
     for name, _ in wanted:

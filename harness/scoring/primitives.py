@@ -44,6 +44,26 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_kw(model) -> str:
+    # transformers 5.2x renamed past_key_values to cache
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _first_label(labels: torch.Tensor) -> int:
+    """Smallest first labelled position of a right-padded batch (0 when a row has none)."""
+    valid = labels != IGNORE
+    return int(valid.float().argmax(1).min()) if bool(valid.any(1).all()) else 0
+
+
 def _order(items, sort: bool) -> list[int]:
     idx = list(range(len(items)))
     if sort:
@@ -52,9 +72,24 @@ def _order(items, sort: bool) -> list[int]:
     return idx
 
 
-def _batches(order: list[int], batch_size: int):
-    for s in range(0, len(order), batch_size):
-        yield order[s:s + batch_size]
+# attention cells (rows x positions^2) per batch: a batch of long rows is cut so the (B, H, T, T)
+# scores of the attention kernel stay bounded (batch 32 of 2049-token MUSE rows needs ~1 GB for
+# them on the tiny model; short TOFU rows never reach the bound, their batches are unchanged)
+ATTENTION_CELLS = 2 ** 24
+
+
+def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None):
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i]) if lengths is not None else 0
+        if cur and (len(cur) == batch_size or (len(cur) + 1) * w * w > ATTENTION_CELLS):
+            yield cur
+            cur, w = [], (lengths[i] if lengths is not None else 0)
+        cur.append(i)
+        width = w
+    if cur:
+        yield cur
 
 
 ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128k-token vocabularies
@@ -130,14 +165,101 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EV
     out: list[SeqStats | None] = [None] * len(items)
     dev = _device(model)
     mask = attention_mask
-    for chunk in _batches(_order(items, sort), batch_size):
+    keep = _accepts(model, "logits_to_keep")
+    lengths = [len(it["input_ids"]) for it in items]
+    for chunk in _batches(_order(items, sort), batch_size, lengths):
         batch = collate([items[i] for i in chunk], pad_id, side="right", mask=mask)
-        ids = batch["input_ids"].to(dev)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev)).logits
-        for i, st in zip(chunk, batch_stats(logits, ids, batch["labels"].to(dev))):
+        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+        # rows before the first label's predecessor are never read: the lm head skips them
+        # (row t of the kept tail still predicts token t+1 of the kept ids, so the stats are unchanged)
+        off = max(0, _first_label(labels) - 1) if keep else 0
+        kw = {"logits_to_keep": ids.shape[1] - off} if off else {}
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **kw).logits
+        for i, st in zip(chunk, batch_stats(logits, ids[:, off:], labels[:, off:])):
             out[i] = st
         if progress is not None:
             progress.update(len(chunk))
+    return out  # type: ignore[return-value]
+
+
+def shared_prefix_length(group: list[dict]) -> int:
+    """Tokens every item of ``group`` starts with that no labelled position needs as a logits row.
+
+    The common prefix of the items' ids, cut so the row predicting each item's first label (and
+    the token after the prefix) stays in the suffix pass; 0 when nothing can be shared.
+    """
+    ids = [it["input_ids"] for it in group]
+    n = min(len(x) for x in ids)
+    lcp = 0
+    while lcp < n and all(x[lcp] == ids[0][lcp] for x in ids[1:]):
+        lcp += 1
+    first = min(next((j for j, t in enumerate(it["labels"]) if t != IGNORE), len(it["labels"])) for it in group)
+    return max(0, min(lcp, first - 1, n - 1))
+
+
+@torch.no_grad()
+def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_id: int, *,
+                         batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
+                         sort: bool = True, progress=None) -> list[SeqStats]:
+    """``forward_stats`` for option sets: the items of each group (one question's answers) share
+    their prompt, whose KV cache is computed once and reused for every answer.
+
+    A batch holds the groups of about ``batch_size`` items: one pass over their right-padded
+    prefixes (``use_cache``), the cache repeated per answer (``DynamicCache.reorder_cache``), one
+    pass over the right-padded suffixes with explicit ``position_ids`` (a prefix's padding is
+    masked out, so every answer sees the positions and keys of its full pass). Equal to
+    ``forward_stats`` up to float rounding.
+    """
+    from transformers import DynamicCache
+
+    out: list[SeqStats | None] = [None] * len(items)
+    dev = _device(model)
+    groups = [g for g in groups if g]
+    plens = [shared_prefix_length([items[i] for i in g]) for g in groups]
+    order = list(range(len(groups)))
+    if sort:
+        order.sort(key=lambda g: -max(len(items[i]["input_ids"]) for i in groups[g]))
+    batches, cur, size = [], [], 0
+    for g in order:
+        if cur and size + len(groups[g]) > batch_size:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(g)
+        size += len(groups[g])
+    if cur:
+        batches.append(cur)
+    for bg in batches:
+        flat = [groups[g] for g in bg if plens[g] == 0]
+        if flat:  # nothing to share (one-token prompts): the plain pass
+            idx = [i for f in flat for i in f]
+            for i, st in zip(idx, forward_stats(model, [items[i] for i in idx], pad_id, batch_size=len(idx),
+                                                attention_mask=attention_mask, sort=False)):
+                out[i] = st
+        bg = [g for g in bg if plens[g] > 0]
+        if not bg:
+            continue
+        pre = collate([{"input_ids": items[groups[g][0]]["input_ids"][:plens[g]],
+                        "labels": [IGNORE] * plens[g]} for g in bg], pad_id, side="right", mask=attention_mask)
+        cache = DynamicCache()
+        ckw = _cache_kw(model)
+        extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        model(input_ids=pre["input_ids"].to(dev), attention_mask=pre["attention_mask"].to(dev),
+              use_cache=True, **{ckw: cache}, **extra)
+        owner = [k for k, g in enumerate(bg) for _ in groups[g]]
+        idx = [i for g in bg for i in groups[g]]
+        cache.reorder_cache(torch.tensor(owner, device=dev))
+        suf = collate([{"input_ids": items[i]["input_ids"][plens[g]:], "labels": items[i]["labels"][plens[g]:]}
+                       for g in bg for i in groups[g]], pad_id, side="right", mask=attention_mask)
+        S = suf["input_ids"].shape[1]
+        start = torch.tensor([plens[bg[k]] for k in owner])
+        pos = (start[:, None] + torch.arange(S)[None, :]).to(dev)
+        mask = torch.cat([pre["attention_mask"][owner], suf["attention_mask"]], 1).to(dev)
+        ids = suf["input_ids"].to(dev)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}).logits
+        for i, st in zip(idx, batch_stats(logits, ids, suf["labels"].to(dev))):
+            out[i] = st
+        if progress is not None:
+            progress.update(len(idx))
     return out  # type: ignore[return-value]
 
 
@@ -159,7 +281,8 @@ def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
-             max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None) -> list[dict]:
+             max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None,
+             counts: dict | None = None) -> list[dict]:
     """P5: greedy generation from left-padded prompts (pad = eos), in the items' order.
 
     Each item is a generation item (``input_ids`` = prompt, ``labels`` = the whole conversation
@@ -178,11 +301,14 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
                       temperature=None, top_p=None, top_k=None)
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-    for chunk in _batches(_order(items, sort), batch_size):
+    lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
+    for chunk in _batches(_order(items, sort), batch_size, lengths):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
         gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **gen_kwargs)
         new = gen[:, ids.shape[1]:].cpu()
+        if counts is not None:  # decoding steps paid for, padding rows included (the benchmark's token count)
+            counts["new_tokens"] = counts.get("new_tokens", 0) + new.numel()
         for row, i in enumerate(chunk):
             it = items[i]
             text_in = decode(tokenizer, it["input_ids"])

@@ -119,7 +119,8 @@ class RetainReference:
         rctx = EvalContext(ctx.task, self.load_model(), ctx.tokenizer, ctx.template, reference=None,
                            batch_size=ctx.batch_size, attention_mask=ctx.attention_mask, limit=ctx.limit,
                            progress=ctx.progress, registry=ctx.registry, data_dir=ctx.data_dir,
-                           label="reference", resolve_reference=None)
+                           label="reference", resolve_reference=None, timings=ctx.timings,
+                           shared_prefix=ctx.shared_prefix)
         if ctx.registry.metrics.get(key) is not None and ctx.registry.metrics[key].needs_reference:
             raise HarnessError(f"metric '{key}' cannot be scored on the reference model itself (it needs a reference)")
         rctx.score(key)
