@@ -63,6 +63,20 @@ def _eval_batch_arg(p: argparse.ArgumentParser, *, alias: bool = False) -> None:
         p.add_argument("--batch-size", dest="eval_batch_size", type=int, action=_Deprecated, help=argparse.SUPPRESS)
 
 
+def _peft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peft", metavar="lora|FILE",
+                   help="train an adapter only (peft): 'lora' with the --lora-* settings, or a PEFT config file "
+                        "(JSON/YAML with peft_type, or a directory with adapter_config.json)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-target-modules", metavar="NAMES",
+                   help="comma separated module names (default: every Llama linear layer, q_proj,...,down_proj)")
+    p.add_argument("--merge", action="store_true",
+                   help="also save the adapter merged into the base weights as a plain checkpoint")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: load the base model in 4-bit nf4 (CUDA, bitsandbytes)")
+
+
 OPTIONS = {"run": RunOptions, "eval": EvalOptions, "finetune": FinetuneOptions, "ls": ListOptions,
            "validate": ListOptions, "report": ReportOptions}
 
@@ -118,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_args(p)
     p.add_argument("--per-device-batch", type=int)
     _eval_batch_arg(p)
-    p.add_argument("--optimizer", help="e.g. paged_adamw_32bit (default from the task), adamw_torch")
+    p.add_argument("--optimizer", help="paged_adamw_32bit (default from the task), adamw_8bit, paged_adamw_8bit, "
+                                       "adamw_32bit (bitsandbytes on CUDA; torch AdamW on CPU), adamw_torch")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save the unlearned model as a HF checkpoint in the run directory")
     p.add_argument("--no-cache-reference", action="store_true", help="recompute reference log-probs every step instead of caching them")
     p.add_argument("--dry-run", action="store_true", help="print the expanded grid with resolved configs and exit")
     p.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
     p.add_argument("--shard", metavar="i/n", help="run only cells i, i+n, ... of the grid (0-based)")
+    _peft_args(p)
     _model_args(p)
     _common(p)
 
@@ -158,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--data-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint that --output already holds")
+    _peft_args(p)
     _common(p)
 
     p = sub.add_parser("report", help="tables in the published layout, comparison and plots")

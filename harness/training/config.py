@@ -10,7 +10,7 @@ from harness import HarnessError
 from harness.options import ATTENTION_MASKS
 
 SCHEDULES = ("linear", "constant")
-OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch", "adamw_32bit")
+OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch", "adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TrainConfig:
     max_length: int = 512  # used by callers when encoding items; recorded with the config
     accelerate: str = "single"  # "single" | "ddp" | "zero3" | path to an accelerate config file
     attention_mask: str = "reference"  # collator mask: "reference" (ids != pad, the quirk) or "corrected"
+    peft: dict | None = None  # adapter settings (harness.training.adapters.peft_settings); None: full finetuning
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:

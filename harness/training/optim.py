@@ -18,12 +18,18 @@ def _decay_parameter_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if n not in no_decay}
 
 
+# --optimizer name -> bitsandbytes class (CUDA)
+BNB = {"paged_adamw_32bit": "PagedAdamW32bit", "adamw_32bit": "AdamW32bit", "adamw_8bit": "AdamW8bit",
+       "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
 def build_optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
     """AdamW over the trainable parameters with HF's weight-decay groups; returns (optimizer, resolved name).
 
-    ``paged_adamw_32bit`` is bitsandbytes' paged AdamW on CUDA. On CPU paging does not exist and
-    bitsandbytes' 32-bit AdamW equals torch's AdamW to 4e-8, so torch's (faster on CPU) is used and the
-    resolved name says so.
+    ``paged_adamw_32bit`` is bitsandbytes' paged AdamW on CUDA; ``adamw_8bit`` / ``paged_adamw_8bit`` its
+    8-bit-state AdamW (2 bytes of optimizer state per parameter instead of 8). On CPU paging does not exist
+    and bitsandbytes' 32-bit AdamW equals torch's AdamW to 4e-8, so torch's (faster on CPU) is used for
+    every bitsandbytes name and the resolved name says so (recorded in config.yaml).
     """
     decay = _decay_parameter_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -34,11 +40,10 @@ def build_optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str
     groups = [g for g in groups if g["params"]]
     on_cuda = any(p.is_cuda for _, p in named) or torch.cuda.is_available()
     kwargs = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
-    if cfg.optimizer in ("paged_adamw_32bit", "adamw_32bit") and on_cuda:
+    if cfg.optimizer in BNB and on_cuda:
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW32bit if cfg.optimizer == "paged_adamw_32bit" else bnb.optim.AdamW32bit
-        return cls(groups, **kwargs), cfg.optimizer
+        return getattr(bnb.optim, BNB[cfg.optimizer])(groups, **kwargs), cfg.optimizer
     resolved = "adamw_torch" if cfg.optimizer == "adamw_torch" else f"adamw_torch (for {cfg.optimizer} on CPU)"
     return torch.optim.AdamW(groups, **kwargs), resolved
 

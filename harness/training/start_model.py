@@ -3,12 +3,14 @@ sequence log-probs; sharded like the policy under ZeRO-3."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from harness import HarnessError
 from harness.losses import forward_logits, sequence_logprob
+from harness.training import adapters
 from harness.training import distributed as dist_utils
 from harness.training.batching import _to, collate
 
@@ -23,13 +25,17 @@ class StartModel:
     - ``logits(part)``: fp32 logits of the live frozen model, no grad (KL retain losses); an error unless
       ``allow_logits`` (core passes it for methods declaring ``reference = "model"``).
     ``forwards`` counts the reference forward passes run; ``model`` is ``None`` once released.
+    With ``disable_adapter`` the model is the policy being trained (a ``peft`` model) and every reference
+    forward runs it with the adapter switched off, in eval mode: the start model without a second copy
+    of the weights. A reference primitive added here runs its forward inside ``with self.frozen() as m``.
     Under ZeRO-3 the model is sharded like the policy, so every rank runs each forward together: a cache
     miss on any rank makes all ranks run that batch.
     """
 
     def __init__(self, model, *, cache: bool = True, keep_model: bool = True, allow_logits: bool = True,
-                 accelerator=None):
+                 accelerator=None, disable_adapter: bool = False):
         self.model = model
+        self.disable_adapter = disable_adapter
         self.cache = cache
         self.keep_model = keep_model
         self.allow_logits = allow_logits
@@ -43,6 +49,15 @@ class StartModel:
 
     def _sharded(self) -> bool:
         return self._acc is not None and dist_utils.zero_stage(self._acc) == 3 and self._acc.num_processes > 1
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The frozen start model to run a forward on (the policy with its adapter disabled, if so built)."""
+        if self.disable_adapter:
+            with adapters.disabled(self.model) as m:
+                yield m
+        else:
+            yield self.model
 
     @staticmethod
     def _keys(part: dict, name: str) -> list[tuple]:
@@ -59,7 +74,8 @@ class StartModel:
                 "reference model was released after precomputing log-probs, but a new sequence was asked for"
             )
         self.forwards += 1
-        return sequence_logprob(forward_logits(self.model, part), part["labels"])
+        with self.frozen() as m:
+            return sequence_logprob(forward_logits(m, part), part["labels"])
 
     @torch.no_grad()
     def sequence_logprob(self, part: dict, name: str = "forget") -> torch.Tensor:
@@ -87,7 +103,8 @@ class StartModel:
         if self.model is None:
             raise HarnessError("this method asked for live reference logits but the reference model was released")
         self.forwards += 1
-        return forward_logits(self.model, part)
+        with self.frozen() as m:
+            return forward_logits(m, part)
 
     @torch.no_grad()
     def precompute(self, items: Sequence[dict], name: str, *, pad_id: int, batch_size: int, mask: str) -> None:
@@ -101,6 +118,7 @@ class StartModel:
                 self._memo[k] = v
 
     def release_model(self) -> None:
-        """Drop the frozen model when only memoised log-probs will be needed (saves one model of memory)."""
+        """Drop the frozen model when only memoised log-probs will be needed (saves one model of memory;
+        through a disabled adapter it only drops the handle, the weights are the policy's)."""
         if not self.keep_model and self.cache:
             self.model = None
