@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if opts.verbose else "%(message)s")
-    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "deepspeed", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "deepspeed", "httpx", "urllib3", "filelock",
+                  "torchao", "torch.utils._pytree", "bitsandbytes"):  # peft imports torchao if installed
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not _has_cuda_hint():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator probe
