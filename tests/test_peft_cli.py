@@ -48,3 +48,16 @@ def test_lora_run_saves_adapter_and_merged_model_that_eval_scores_alike(tmp_path
     assert _prob(ev_adapter) == unlearned  # base + adapter through the same scoring path: the same number
     assert _prob(ev_merged) == pytest.approx(unlearned, rel=1e-4)  # merged weights: up to rounding
     assert read_yaml(ev_adapter / "config.yaml")["model"]["adapter"] == str(model / "adapter")
+
+
+@pytest.mark.slow
+def test_finetune_with_lora_writes_the_adapter_or_the_merged_checkpoint(tmp_path):
+    argv = ["finetune", "--model", "tiny:base", "--split", "forget01", "--epochs", "1", "--lr", "1e-2",
+            "--train-batch-size", "8", "--per-device-batch", "8", "--optimizer", "adamw_torch", "--peft", "lora"]
+    run_cli(*argv, "-o", tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and not (tmp_path / "a" / "config.json").exists()
+    assert read_yaml(tmp_path / "a" / "finetune.yaml")["training"]["peft"]["config"]["peft_type"] == "LORA"
+    rc, _, err = run_cli(*argv, "-o", tmp_path / "a", check=False)  # an adapter is a checkpoint to protect
+    assert rc == 2 and "already holds a checkpoint" in err
+    run_cli(*argv, "--merge", "-o", tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "adapter" / "adapter_config.json").is_file()
