@@ -57,10 +57,16 @@ def one(setting: str, args) -> dict:
         tok = load_tokenizer(path)
         make = lambda: load_model(path)  # noqa: E731
     forget, retain, _ = toy_data(tok)
-    import accelerate  # noqa: F401 - imported before the baseline: libraries are not the step's memory
-    import peft  # noqa: F401
-    import transformers.optimization  # noqa: F401
+    cfg = TrainConfig(epochs=args.steps, lr=1e-4, batch_size=4, per_device_batch=4, warmup_epochs=0,
+                      optimizer="adamw_torch", peft=peft_settings("lora") if setting.startswith("lora") else None)
+    npo = get_registry().methods["npo"]()
+    # the same step on a minute model first: libraries imported and initialised lazily are not the step's memory
+    from harness.testing import char_tokenizer
 
+    small_tok = char_tokenizer()
+    small = tiny_llama(small_tok, hidden=8, layers=1)
+    unlearn(small, small_tok, npo, *toy_data(small_tok)[:2], cfg, cache_reference=False,
+            ref_model=copy.deepcopy(small) if setting == "lora+copy" else None)
     base_rss = _rss_mb()
     model = make()
     if cuda:
@@ -69,10 +75,7 @@ def one(setting: str, args) -> dict:
         base_cuda = torch.cuda.memory_allocated()
     n_params = sum(p.numel() for p in model.parameters())
     ref = copy.deepcopy(model) if setting == "lora+copy" else None
-    cfg = TrainConfig(epochs=args.steps, lr=1e-4, batch_size=4, per_device_batch=4, warmup_epochs=0,
-                      optimizer="adamw_torch", peft=peft_settings("lora") if setting.startswith("lora") else None)
-    result = unlearn(model, tok, get_registry().methods["npo"](), forget, retain, cfg, ref_model=ref,
-                     cache_reference=False)
+    result = unlearn(model, tok, npo, forget, retain, cfg, ref_model=ref, cache_reference=False)
     out = {"setting": setting, "parameters": n_params, "trainable": result.info["trainable_parameters"],
            "reference": result.info.get("reference_source"),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 from harness import HarnessError
@@ -113,6 +114,13 @@ def check_targets(model, config) -> None:
     if missing:
         raise HarnessError(f"--lora-target-modules: {', '.join(missing)} match no module of the model; "
                            f"its layers include {', '.join(names[:8])}")
+
+
+def base_name(name: str) -> str:
+    """The base-model name of a parameter of an adapted model: ``base_model.model.x.q_proj.lora_A.default.weight``
+    and ``...q_proj.base_layer.weight`` are both ``x.q_proj.weight``."""
+    name = name.removeprefix("base_model.model.")
+    return re.sub(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+|\.base_layer", "", name)
 
 
 def is_adapted(model) -> bool:
