@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 from harness import HarnessError
@@ -139,7 +140,9 @@ def attach(model, settings: dict, *, gradient_checkpointing: bool = False):
     elif gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers 5 the deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise HarnessError(f"--peft {settings.get('source')}: {_first(exc)}; the model's layers include "
                            f"{', '.join(module_names(model)[:8])}") from None
