@@ -12,7 +12,7 @@ from conftest import ROOT
 FLOORS = [
     ("ground", ["harness", "harness.io", "harness.paths", "harness.hub", "harness.options", "harness.fingerprint"]),
     ("registry", ["harness.plugins", "harness.tasks"]),
-    ("plugin API", ["harness.methods", "harness.losses", "harness.metrics", "methods"]),
+    ("plugin API", ["harness.methods", "harness.losses", "harness.activations", "harness.metrics", "methods"]),
     ("data", ["harness.data"]),
     ("training", ["harness.training"]),
     ("models", ["harness.models"]),

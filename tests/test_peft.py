@@ -201,3 +201,14 @@ def test_disabled_adapter_reference_forward_matches_logits_of_start(tok, data):
     for p in (p for n, p in adapted.named_parameters() if "lora_B" in n):
         torch.nn.init.normal_(p)
     assert torch.equal(StartModel(adapted, disable_adapter=True).logits(part), start)
+
+
+def test_rmu_with_lora_trains_the_adapters_its_patterns_name_and_reads_the_disabled_adapter(tok, data):
+    """RMU's trainable_params name base weights; with an adapter they select the adapter weights on them,
+    and the retain targets (ref.activation) come from the disabled adapter."""
+    forget, retain, _ = data
+    method = METHODS["rmu"](module_regex=r"model\.layers\.1", trainable_params=r"model\.layers\.1\.mlp\.down_proj\.weight")
+    result = unlearn(tiny_llama(tok), tok, method, forget, retain, _cfg(epochs=1))
+    assert result.info["reference_source"] == "disabled adapter"
+    moved = {n for n, p in _lora(result.model, "lora_B").items() if p.abs().max() > 0}
+    assert moved == {"base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight"}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 from harness import HarnessError
@@ -115,6 +117,13 @@ def check_targets(model, config) -> None:
                            f"its layers include {', '.join(names[:8])}")
 
 
+def base_name(name: str) -> str:
+    """The base-model name of a parameter of an adapted model: ``base_model.model.x.q_proj.lora_A.default.weight``
+    and ``...q_proj.base_layer.weight`` are both ``x.q_proj.weight``."""
+    name = name.removeprefix("base_model.model.")
+    return re.sub(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+|\.base_layer", "", name)
+
+
 def is_adapted(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
@@ -131,7 +140,9 @@ def attach(model, settings: dict, *, gradient_checkpointing: bool = False):
     elif gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers 5 the deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise HarnessError(f"--peft {settings.get('source')}: {_first(exc)}; the model's layers include "
                            f"{', '.join(module_names(model)[:8])}") from None

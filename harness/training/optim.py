@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+from harness import HarnessError
+from harness.training import adapters
 from harness.training.config import TrainConfig
 
 
@@ -18,13 +22,38 @@ def _decay_parameter_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if n not in no_decay}
 
 
+def select_trainable(model, patterns: list[str], *, what: str = "trainable_params") -> set[str]:
+    """Names of the parameters that full-match any of ``patterns``; a pattern matching none is an error
+    naming it and a few parameter names."""
+    adapted = adapters.is_adapted(model)
+    # with an adapter, a pattern names base weights and selects the adapter weights on them (RMU + LoRA)
+    names = [n for n, p in model.named_parameters() if p.requires_grad or not adapted]
+    as_base = {n: adapters.base_name(n) if adapted else n for n in names}
+    selected: set[str] = set()
+    for pat in patterns:
+        try:
+            hits = {n for n in names if re.fullmatch(pat, as_base[n])}
+        except re.error as exc:
+            raise HarnessError(f"{what} regex {pat!r} is not a valid regular expression: {exc}") from None
+        if not hits:
+            base = list(dict.fromkeys(as_base.values()))
+            shown = ", ".join(base[:3] + (["..."] if len(base) > 4 else []) + base[-1:])
+            raise HarnessError(f"{what} regex {pat!r} full-matches no parameter of the model; its parameters "
+                               f"are named like: {shown}")
+        selected |= hits
+    return selected
+
+
 # --optimizer name -> bitsandbytes class (CUDA)
 BNB = {"paged_adamw_32bit": "PagedAdamW32bit", "adamw_32bit": "AdamW32bit", "adamw_8bit": "AdamW8bit",
        "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def build_optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(model, cfg: TrainConfig, only: set[str] | None = None) -> tuple[torch.optim.Optimizer, str]:
     """AdamW over the trainable parameters with HF's weight-decay groups; returns (optimizer, resolved name).
+
+    ``only``: parameter names (``select_trainable``) that alone go to the optimizer; the others keep
+    ``requires_grad`` (gradients are computed everywhere, as the reference's RMU does) but are never updated.
 
     ``paged_adamw_32bit`` is bitsandbytes' paged AdamW on CUDA; ``adamw_8bit`` / ``paged_adamw_8bit`` its
     8-bit-state AdamW (2 bytes of optimizer state per parameter instead of 8). On CPU paging does not exist
@@ -32,7 +61,7 @@ def build_optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str
     every bitsandbytes name and the resolved name says so (recorded in config.yaml).
     """
     decay = _decay_parameter_names(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or n in only)]
     groups = [
         {"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
