@@ -40,6 +40,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-mask", choices=list(ATTENTION_MASKS),
                    help="reference: attention_mask = ids != pad as the published numbers (pad = eos hides eos tokens); corrected: mask padding only")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
+    _lm_eval_args(p)
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("lm-evaluation-harness (metric lm_eval; needs the lmeval extra)")
+    g.add_argument("--utility", metavar="TASKS", help="add lm-eval utility tasks (e.g. mmlu) to every selected task's scores")
+    g.add_argument("--lm-eval-tasks", metavar="TASKS", help="replace the lm-eval task list of the tasks' lm_eval metric")
+    g.add_argument("--lm-eval-num-fewshot", type=int, metavar="N", help="lm-eval few-shot count")
+    g.add_argument("--lm-eval-limit", type=float, metavar="N", help="lm-eval: first N docs per task (<1: a fraction)")
+    g.add_argument("--lm-eval-batch-size", type=int, metavar="N", help="lm-eval batch size (default: the scoring batch)")
+    g.add_argument("--lm-eval-chat-template", action=argparse.BooleanOptionalAction,
+                   help="render lm-eval prompts with the tokenizer's chat template")
+    g.add_argument("--lm-eval-include", action="append", metavar="DIR",
+                   help="directory of your own lm-eval task YAML files (repeatable)")
 
 
 class _Deprecated(argparse.Action):
@@ -75,6 +89,13 @@ def _peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true",
                    help="also save the adapter merged into the base weights as a plain checkpoint")
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: load the base model in 4-bit nf4 (CUDA, bitsandbytes)")
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-to", metavar="TRACKERS",
+                   help="log training to accelerate trackers, comma separated: tensorboard, wandb, mlflow, ... "
+                        "(default none; pip install 'unlearn-harness[tracking]')")
+    p.add_argument("--tracker-project", metavar="NAME", help="W&B project / MLflow experiment (default unlearn-harness)")
 
 
 OPTIONS = {"run": RunOptions, "eval": EvalOptions, "finetune": FinetuneOptions, "ls": ListOptions,
@@ -128,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.add_argument("--accelerate", metavar="single|ddp|zero3|FILE", help="re-launch under accelerate with a bundled or given config")
     p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int, metavar="N", help="train exactly N optimizer steps (HF max_steps; replaces epochs)")
     p.add_argument("--lr", type=float)
     _batch_args(p)
     p.add_argument("--per-device-batch", type=int)
@@ -141,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
     p.add_argument("--shard", metavar="i/n", help="run only cells i, i+n, ... of the grid (0-based)")
     _peft_args(p)
+    _tracking_args(p)
+    p.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="upload the saved model, its model card and results to the Hugging Face hub in one commit "
+                        "(implies --save-model; {task} {method} {seed} name one repository per cell)")
+    p.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
     _model_args(p)
     _common(p)
 
@@ -175,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint that --output already holds")
     _peft_args(p)
+    _tracking_args(p)
     _common(p)
 
     p = sub.add_parser("report", help="tables in the published layout, comparison and plots")
@@ -183,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="?", const="published", metavar="CSV",
                    help="compare with the published numbers (shipped) or a CSV in the same layout")
     p.add_argument("--plot", metavar="FILE.png")
+    p.add_argument("--plot-x", metavar="METRIC", help="x axis of --plot instead of the family's, e.g. mmlu/acc (utility)")
+    p.add_argument("--plot-y", metavar="METRIC", help="y axis of --plot instead of the family's (an fnmatch pattern also works)")
     p.add_argument("--output", "-o", metavar="FILE")
     p.add_argument("--model", help="only this model's results")
     p.add_argument("--timing", action="store_true",

@@ -11,6 +11,7 @@ from harness import HarnessError
 EVAL_BATCH_SIZE = 32  # scoring batch (the reference evaluator's)
 LIST_KINDS = ("all", "tasks", "methods", "metrics", "models", "plugins")  # what `harness ls` lists
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
+TRACKER_PROJECT = "unlearn-harness"  # --tracker-project default (W&B project, MLflow experiment)
 
 
 def _positive(flag: str, value, *, integer: bool = False, key: str | None = None) -> None:
@@ -45,6 +46,19 @@ def items(flag: str, text: str) -> list[str]:
     return out
 
 
+def tracker_names(report_to: str | None) -> list[str]:
+    """``--report-to`` as tracker names (``none`` or not given: no tracking)."""
+    if not report_to or report_to.strip() == "none":
+        return []
+    return items("--report-to", report_to)
+
+
+def _trackers(report_to: str | None, project: str) -> None:
+    tracker_names(report_to)
+    if not str(project).strip():
+        raise HarnessError("--tracker-project: give a name")
+
+
 @dataclass
 class Common:
     include_tasks: list[str] = field(default_factory=list)
@@ -63,11 +77,36 @@ class ModelOptions:
     max_length: int | None = None
     attention_mask: str = "reference"
     limit: int | None = None
+    # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
+    utility: str | None = None
+    lm_eval_tasks: str | None = None
+    lm_eval_num_fewshot: int | None = None
+    lm_eval_limit: float | None = None
+    lm_eval_batch_size: int | None = None
+    lm_eval_chat_template: bool | None = None
+    lm_eval_include: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
+        for flag, value in (("--utility", self.utility), ("--lm-eval-tasks", self.lm_eval_tasks)):
+            if value is not None:
+                items(flag, value)
+        if self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0:
+            raise HarnessError(f"--lm-eval-num-fewshot must be >= 0, got {self.lm_eval_num_fewshot}")
+        _positive("--lm-eval-limit", self.lm_eval_limit)
+        _positive("--lm-eval-batch-size", self.lm_eval_batch_size, integer=True)
+
+    def lm_eval_overrides(self) -> dict:
+        """The lm_eval metric settings given on the command line (``harness.metrics.lmeval.with_overrides``)."""
+        limit = self.lm_eval_limit
+        if limit is not None and limit >= 1 and float(limit).is_integer():
+            limit = int(limit)
+        return {"tasks": items("--lm-eval-tasks", self.lm_eval_tasks) if self.lm_eval_tasks else None,
+                "utility": items("--utility", self.utility) if self.utility else None,
+                "include": list(self.lm_eval_include), "num_fewshot": self.lm_eval_num_fewshot, "limit": limit,
+                "batch_size": self.lm_eval_batch_size, "apply_chat_template": self.lm_eval_chat_template}
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
 
@@ -124,6 +163,7 @@ class RunOptions(Common, ModelOptions, PeftOptions):
     output: str = "results"
     accelerate: str | None = None
     epochs: float | None = None
+    max_steps: int | None = None
     lr: float | None = None
     train_batch_size: int | None = None
     per_device_batch: int | None = None
@@ -135,11 +175,20 @@ class RunOptions(Common, ModelOptions, PeftOptions):
     dry_run: bool = False
     overwrite: bool = False
     shard: str | None = None
+    report_to: str | None = None  # accelerate tracker names, comma separated (e.g. tensorboard,wandb)
+    tracker_project: str = TRACKER_PROJECT
+    push_to_hub: str | None = None  # REPO_ID; may hold {task} {method} {seed} for a grid
+    private: bool = False
 
     def validate(self) -> None:
         ModelOptions.validate(self)
         items("--tasks", self.tasks)
         items("--methods", self.methods)
+        _trackers(self.report_to, self.tracker_project)
+        if self.private and not self.push_to_hub:
+            raise HarnessError("--private applies to --push-to-hub REPO_ID; give the repository too")
+        if self.push_to_hub is not None and not self.push_to_hub.strip():
+            raise HarnessError("--push-to-hub: give a repository id, e.g. my-name/tofu-npo")
         try:
             seeds = [int(s) for s in items("--seeds", self.seeds)]
         except ValueError:
@@ -147,12 +196,13 @@ class RunOptions(Common, ModelOptions, PeftOptions):
         if len(set(seeds)) != len(seeds):  # 1,01
             raise HarnessError(f"--seeds {self.seeds!r}: a seed is given more than once")
         _positive("--epochs", self.epochs, integer=True, key="epochs")
+        _positive("--max-steps", self.max_steps, integer=True, key="max_steps")
         _positive("--lr", self.lr, key="lr")
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
         _positive("--eval-batch-size", self.eval_batch_size, integer=True)
         self.validate_peft()
-        if self.merge and not self.save_model:
+        if self.merge and not (self.save_model or self.push_to_hub):
             raise HarnessError("--merge needs --save-model (it writes the merged checkpoint to the run directory)")
 
     def seed_list(self) -> list[int]:
@@ -186,8 +236,11 @@ class FinetuneOptions(Common, PeftOptions):
     data_dir: str | None = None
     max_length: int = 512
     overwrite: bool = False
+    report_to: str | None = None
+    tracker_project: str = TRACKER_PROJECT
 
     def validate(self) -> None:
+        _trackers(self.report_to, self.tracker_project)
         _positive("--epochs", self.epochs, integer=True)
         _positive("--lr", self.lr)
         _positive("--train-batch-size", self.train_batch_size, integer=True)
@@ -212,6 +265,8 @@ class ReportOptions(Common):
     format: str = "md"
     compare: str | None = None
     plot: str | None = None
+    plot_x: str | None = None  # other plot axes than the family's, e.g. mmlu/acc (utility)
+    plot_y: str | None = None
     output: str | None = None
     model: str | None = None
     timing: bool = False

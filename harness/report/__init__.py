@@ -96,6 +96,9 @@ def main(opts: ReportOptions) -> int:
         print(render_timing(tables))
     plot_path = args.plot
     if plot_path:
+        from harness.report.plot import with_axes
+
+        with_axes(tables, args.plot_x, args.plot_y)
         plot(tables, Path(plot_path), published)
         print(f"plot written to {plot_path}")
     return 0

@@ -18,8 +18,11 @@ from harness.scoring.reference import resolve_reference
 
 def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
     """Table rows: top-level metrics first (task order), then their dependencies."""
-    order = [n for n in top if n in scores] + [n for n in scores if n not in top]
-    return [(n, scores[n].value, getattr(registry.metrics.get(n), "better", "")) for n in order]
+    from harness.metrics import flat_scores
+
+    flat = flat_scores(scores)
+    order = sorted((r for r in flat if r[2] in top), key=lambda r: top.index(r[2])) + [r for r in flat if r[2] not in top]
+    return [(n, s.value, s.better or getattr(registry.metrics.get(parent), "better", "")) for n, s, parent in order]
 
 
 def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = EVAL_BATCH_SIZE,
@@ -27,7 +30,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
-                  max_length: int | None = None, identity: dict | None = None) -> dict[str, Score]:
+                  max_length: int | None = None, identity: dict | None = None,
+                  lm_eval_run: dict | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
@@ -35,8 +39,10 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
     length-sorted batching (only for measuring what they save; the numbers stay the same).
+    ``lm_eval_run``: what the lm-eval results file records of the run (``model_args``, ``git_hash``, ...).
     """
     t0 = time.perf_counter()
+    wall0 = time.time()
     ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
                       attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
                       data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
@@ -65,7 +71,9 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                     "reference": ctx._reference.describe() if ctx._reference is not None else None,
                     "seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
-                      partial=bool(limit), settings=settings, identity=identity)
+                      partial=bool(limit), settings=settings, identity=identity,
+                      lm_eval={"run": {"max_length": max_length, **(lm_eval_run or {})}, "tokenizer": tokenizer,
+                               "started": t0, "start_wall": wall0})
     return dict(ctx.scores)
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.io import finite_or_none, write_json, write_jsonl
-from harness.metrics import Score
+from harness.metrics import Score, flat_scores
 from harness.paths import safe_name
+from harness.scoring.lmeval_results import lm_eval_results, n_samples_of, write_lm_eval
 
 
 def _plain(v):
@@ -43,12 +44,18 @@ def export_entry(score: Score) -> dict:
     return e
 
 
+def own_export(scores: dict[str, Score]) -> dict[str, Score]:
+    """The scores that go into the task's ``<BENCH>_EVAL.json``: not those that write export files of their own."""
+    return {n: s for n, s in scores.items() if not s.exports}
+
+
 def eval_log(scores: dict[str, Score]) -> dict:
-    return {name: export_entry(s) for name, s in scores.items()}
+    return {name: export_entry(s) for name, s in own_export(scores).items()}
 
 
 def summary(scores: dict[str, Score], top: list[str]) -> dict:
-    return {n: _plain(scores[n].value) for n in top if n in scores and scores[n].value is not None}
+    own = own_export(scores)
+    return {n: _plain(own[n].value) for n in top if n in own and own[n].value is not None}
 
 
 def sample_rows(scores: dict[str, Score]):
@@ -57,6 +64,8 @@ def sample_rows(scores: dict[str, Score]):
         if s.per_sample:
             for idx, v in s.per_sample.items():
                 yield {"metric": name, "index": int(idx), **(v if isinstance(v, dict) else {"value": v})}
+        for row in s.rows or ():
+            yield {"metric": name, **row}
         for split in ("forget", "holdout"):
             sub = s.extra.get(split)
             if isinstance(sub, dict) and "value_by_index" in sub:
@@ -65,18 +74,33 @@ def sample_rows(scores: dict[str, Score]):
 
 
 def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: list[str], *,
-                  model_label: str, partial: bool, settings: dict, identity: dict | None = None) -> None:
-    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker)."""
+                  model_label: str, partial: bool, settings: dict, identity: dict | None = None,
+                  lm_eval: dict | None = None) -> None:
+    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, results_<time>.json (lm-eval's layout; ``lm_eval``:
+    its run details, see ``lmeval_results``), then scores.json (completion marker)."""
     out_dir = Path(out_dir)
     bench = safe_name(task.benchmark, f"task '{task.name}' benchmark")
     write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows(scores)))
-    write_json(out_dir / f"{bench}_EVAL.json", eval_log(scores), indent=4, sort_keys=True)
-    write_json(out_dir / f"{bench}_SUMMARY.json", summary(scores, top), indent=4, sort_keys=True)
-    metrics = {}
+    if own_export(scores) or not any(s.exports for s in scores.values()):
+        write_json(out_dir / f"{bench}_EVAL.json", eval_log(scores), indent=4, sort_keys=True)
+        write_json(out_dir / f"{bench}_SUMMARY.json", summary(scores, top), indent=4, sort_keys=True)
     for n, s in scores.items():
-        m = registry.metrics.get(n)
-        metrics[n] = {**_metric_value(s.value), "better": getattr(m, "better", None),
-                      "version": getattr(m, "version", None), "top_level": n in top}
+        for fname, doc in s.exports.items():
+            write_json(out_dir / safe_name(fname, f"metric '{n}' export file"), _plain(doc), indent=4, sort_keys=True)
+    metrics = {}
+    for n, s, parent in flat_scores(scores):
+        m = registry.metrics.get(parent)
+        metrics[n] = {**_metric_value(s.value), "better": s.better or getattr(m, "better", None),
+                      "version": getattr(m, "version", None), "top_level": parent in top}
+        if s.stderr is not None or parent != n:
+            metrics[n]["stderr"] = _plain(s.stderr)
+        if parent != n:
+            metrics[n]["part_of"] = parent
+    lm = dict(lm_eval or {})
+    run = {"model_name": model_label, "batch_size": settings.get("batch_size"), "limit": settings.get("limit"),
+           **lm.pop("run", {})}
+    write_lm_eval(out_dir, lm_eval_results(task, metrics, run=run, partial=partial,
+                                           n_samples=n_samples_of(scores), **lm))
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
     layout = {"benchmark": task.benchmark}
     if task.report is not None:

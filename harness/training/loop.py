@@ -11,6 +11,8 @@ Core decides everything that makes runs comparable (spec sections 2.6 and 4):
 - AdamW (``paged_adamw_32bit`` by default, as published), weight decay except biases and norm weights,
   gradient clipping, linear schedule with warmup steps ``int(warmup_epochs * N // batch_size)`` from the
   real world size (TOFU), or constant (MUSE);
+- ``max_steps`` (HF's): exactly that many optimizer steps, epochs repeating as needed (WMDP: 80 steps);
+  ``padding_side`` left or right for the training batches (WMDP's collator pads left);
 - micro-batch losses are divided by the accumulation steps (the pre-4.46 HF behaviour the published
   numbers used); the last step of an epoch may have fewer micro-batches;
 - ``train_log.jsonl``: one line per optimizer step, appended and fsynced as it is written.
@@ -51,13 +53,16 @@ class TrainResult:
 class _StepLog:
     """train_log.jsonl: one JSON line per optimizer step, appended and fsynced (finished lines survive crashes)."""
 
-    def __init__(self, out_dir: Path | None, enabled: bool):
+    def __init__(self, out_dir: Path | None, enabled: bool, tracker=None):
         self.path = Path(out_dir) / "train_log.jsonl" if (out_dir is not None and enabled) else None
+        self.tracker = tracker if enabled else None  # ``--report-to``: every row also goes to the trackers
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
 
     def write(self, row: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.log_row(row)
         if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -85,11 +90,13 @@ def _run(
     save_dir: Path | None = None,
     trainable: list[str] | None = None,
     state=None,
+    tracker=None,
 ):
     """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model).
 
     ``trainable``: regexes of the only parameters the optimizer updates (all get gradients). ``state``: the
-    method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``."""
+    method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``.
+    ``tracker``: a ``harness.training.tracking.Trackers`` (main process only) that gets every log row."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -143,17 +150,19 @@ def _run(
     if after_prepare is not None:
         after_prepare(acc, pad_id, model)  # e.g. shard the reference model like the policy, precompute log-probs
 
-    log = _StepLog(out_dir, acc.is_main_process)
+    log = _StepLog(out_dir, acc.is_main_process, tracker)
     gen = pairing_generator(cfg.seed, rank)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
     bar = tqdm(total=steps["total_steps"], desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
     step = 0
     try:
-        for epoch in range(int(cfg.epochs)):
+        for epoch in range(steps["epochs"]):
             order = epoch_order(n_anchor, cfg.seed, epoch, rank, world)
             micro = [order[i : i + cfg.per_device_batch] for i in range(0, len(order), cfg.per_device_batch)]
             for start in range(0, len(micro), ga):
+                if step >= steps["total_steps"]:  # max_steps reached inside an epoch
+                    break
                 group = micro[start : start + ga]
                 sums: dict[str, float] = {}
                 for k, idx in enumerate(group):
@@ -242,7 +251,7 @@ def save_model(model, tokenizer, out: Path, *, is_main: bool = True) -> None:
 
 
 def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc: str = "finetune",
-             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None):
+             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None, tracker=None):
     """Finetune ``model`` on encoded ``items`` (dicts with ``input_ids`` and ``labels``) with plain NLL.
 
     The loss is HF's token-mean cross-entropy over each micro-batch. Deterministic for a given
@@ -253,14 +262,14 @@ def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc:
     pad_id = _pad_id(tokenizer)
 
     def make_batch(idx, _gen):
-        return {"train": collate([items[i] for i in idx], pad_id, cfg.attention_mask)}
+        return {"train": collate([items[i] for i in idx], pad_id, cfg.attention_mask, cfg.padding_side)}
 
     def loss_fn(m, batch):
         part = batch["train"]
         return token_mean_nll(forward_logits(m, part), part["labels"]), {}
 
     return _run(model, tokenizer, cfg, n_anchor=len(items), make_batch=make_batch, loss_fn=loss_fn,
-                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir)
+                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir, tracker=tracker)
 
 
 def method_uses_reference(method) -> bool:
@@ -269,13 +278,13 @@ def method_uses_reference(method) -> bool:
 
 
 def method_batch(forget: Sequence[dict], retain: Sequence[dict] | None, idk: Sequence[dict] | None,
-                 pad_id: int, mask: str) -> dict:
+                 pad_id: int, mask: str, side: str = "right") -> dict:
     """The batch ``method.loss`` gets from already chosen items (each carrying ``index``, idk ones ``alt``)."""
-    batch = {"forget": collate(forget, pad_id, mask)}
+    batch = {"forget": collate(forget, pad_id, mask, side)}
     if retain:
-        batch["retain"] = collate(retain, pad_id, mask)
+        batch["retain"] = collate(retain, pad_id, mask, side)
     if idk:
-        batch["idk"] = collate(idk, pad_id, mask)
+        batch["idk"] = collate(idk, pad_id, mask, side)
     return batch
 
 
@@ -294,6 +303,7 @@ def unlearn(
     save_dir: Path | None = None,
     accelerator=None,
     desc: str | None = None,
+    tracker=None,
 ):
     """Unlearn ``forget_items`` from ``model`` with ``method`` (a ``harness.methods.Method`` instance).
 
@@ -309,7 +319,8 @@ def unlearn(
       for idk methods, whose drawn idk pairs are memoised as they come); ``"model"`` keeps it live.
     - ``cache_reference``: memoise reference sequence log-probs; ``False`` recomputes every call (and so
       keeps the frozen model). ``info["reference_forwards"]`` counts the reference forwards run.
-    - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result.
+    - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result;
+      ``tracker``: ``--report-to`` trackers (``harness.training.tracking.Trackers``) that get each log row.
     Batches given to ``method.loss`` are ``{"forget", "retain"[, "idk"]}`` parts with ``input_ids``,
     ``attention_mask``, ``labels`` and ``index`` (idk parts also ``alt``, the drawn alternative).
     Returns a ``TrainResult``: the unlearned plain model in eval mode and the derived step counts.
@@ -345,7 +356,7 @@ def unlearn(
             for i in idx:
                 j = int(torch.randint(0, len(idk_items[i]), (1,), generator=gen))
                 alts.append({**idk_items[i][j], "index": i, "alt": j})
-        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask)
+        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask, cfg.padding_side)
 
     def loss_fn(m, batch):
         out = method.loss(m, batch, ref_holder.get("ref"))
@@ -380,7 +391,7 @@ def unlearn(
     result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
                   out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
                   after_prepare=after_prepare_all, save_dir=save_dir, trainable=trainable_patterns(method),
-                  state=(run_state, log_state))
+                  state=(run_state, log_state), tracker=tracker)
     result.info["method_seed"] = cfg.seed  # the method's generator is harness.methods.method_generator(seed)
     if run_state.records:
         result.info["method_records"] = dict(run_state.records)
