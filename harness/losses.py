@@ -11,6 +11,7 @@ The normalisations differ per method on purpose (spec 13 item 12):
 - ``sequence_nll``: per-sequence SUM of token NLLs (NPO and DPO sequence log-probs).
 - ``simnpo_loss`` uses the per-sequence MEAN NLL, with the count taken on unshifted labels.
 - ``kl_retain``: KL(ref || current) averaged over all B*T positions, prompt and padding included.
+- ``activation_mse``: per-sequence mean over label positions of the hidden-dim mean squared error (RMU).
 """
 
 from __future__ import annotations
@@ -96,6 +97,15 @@ def kl_retain(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     cur = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.size(-1))
     ref = F.log_softmax(ref_logits.float(), dim=-1).reshape(-1, ref_logits.size(-1))
     return F.kl_div(cur, ref, reduction="batchmean", log_target=True)
+
+
+def activation_mse(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RMU's ``mean_b [ sum_t M_bt mean_d (A_btd - Z_btd)^2 / sum_t M_bt ]``, ``M = labels != -100`` (unshifted).
+
+    ``target`` broadcasts against ``act`` (RMU's (1, 1, d) control vector); computed in fp32."""
+    mask = (labels != IGNORE).float()
+    per_token = (act.float() - target.float()).pow(2).mean(dim=-1)
+    return ((per_token * mask).sum(dim=-1) / mask.sum(dim=-1)).mean()
 
 
 # The retain terms of GradDiff, NPO and IdkDPO; a ``Literal`` field of this type is checked by build_method.

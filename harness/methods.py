@@ -39,6 +39,11 @@ class Method:
 
     When a hyper-parameter changes the need (``retain_loss_type="KL"``), override ``reference_needed()``;
     core reads only ``reference_of(method)``, which calls it.
+
+    ``prepare(start)`` (optional) runs once before training on the unchanged start model (a
+    ``harness.training.Preparation``: forget items and texts, ``generate``, ``cached``, ``encode``). It
+    returns ``None`` or a dict of item lists: ``"forget"`` replaces the forget items, any other name is a
+    batch part aligned with them (AltPO: ``{"forget": originals, "alternate": sampled answers}``).
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +67,10 @@ class Method:
     def needs_reference(self, value: bool) -> None:
         # Old plugins set this per instance in __post_init__; reference_of() maps it.
         self.__dict__["needs_reference"] = bool(value)
+
+    def prepare(self, start) -> dict | None:
+        """Nothing to prepare by default; see the class docstring."""
+        return None
 
     def setup(self, run: TrainingState) -> None:
         """Called by core once before the first step of every training run (a fresh copy of the method per

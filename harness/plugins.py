@@ -364,7 +364,7 @@ def _short(v) -> str:
 def guard_method(method, name: str, plugin: str):
     """A copy of ``method`` whose ``loss()`` turns any exception, or a result that is not a scalar loss, into
     one error line naming the method and the plugin that registered it (a third-party bug must not read
-    like a harness crash)."""
+    like a harness crash); ``prepare()`` likewise for anything but a ``HarnessError``."""
     guarded = copy.copy(method)
     loss = guarded.loss  # bound to the copy, whose setup() keeps the run's state
 
@@ -379,4 +379,16 @@ def guard_method(method, name: str, plugin: str):
         return out
 
     object.__setattr__(guarded, "loss", checked_loss)
+    prepare = getattr(guarded, "prepare", None)
+    if prepare is not None:
+        def checked_prepare(*a, **kw):
+            try:
+                return prepare(*a, **kw)
+            except HarnessError:  # the harness's own one-line errors (e.g. a task without questions)
+                raise
+            except Exception as exc:
+                raise HarnessError(f"method '{name}' from plugin '{plugin}' failed in prepare(): "
+                                   f"{one_line(exc)}") from exc
+
+        object.__setattr__(guarded, "prepare", checked_prepare)
     return guarded

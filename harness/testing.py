@@ -100,6 +100,10 @@ def tiny_llama(tokenizer=None, *, hidden: int = 32, layers: int = 2, seed: int =
     return LlamaForCausalLM(config).float()
 
 
+# the template encode() writes out, for code that takes a Template (a method's prepare step)
+TOY_TEMPLATE = Template(user_start_tag="Question: ", user_end_tag="\n", asst_start_tag="Answer: ", asst_end_tag="")
+
+
 def encode(tokenizer, question: str, answer: str) -> dict:
     """``Question: q\\nAnswer: a</s>`` with the prompt labels masked (-100), as spec 2.2 lays out."""
     prompt = tokenizer(f"Question: {question}\nAnswer: ")["input_ids"]
@@ -128,27 +132,34 @@ class StepResult:
 
 
 def one_step(method, model=None, tokenizer=None, *, forget=None, retain=None, idk=None, lr: float = 1e-3,
-             seed: int = 0, accelerate: str = "single") -> StepResult:
+             seed: int = 0, accelerate: str = "single", forget_qa=None) -> StepResult:
     """Run exactly one optimizer step of ``method`` through ``harness.training.unlearn`` and report it.
 
     ``model``/``tokenizer`` default to ``tiny_llama()``/``char_tokenizer()``; ``forget``/``retain``/``idk``
-    to ``toy_data()``. The whole forget set is one batch (one step, constant lr, no warmup, torch AdamW).
+    to ``toy_data()``. The whole forget set is one batch (one step, constant lr, no warmup, torch AdamW),
+    also when a method's prepare step grows it (AltPO: one row per sampled alternate). ``forget_qa``: the
+    forget texts a prepare step sees (default ``FORGET_QA`` with the toy data, else none), encoded with
+    ``TOY_TEMPLATE``.
     """
     from harness.training import TrainConfig, unlearn
 
     tokenizer = tokenizer or char_tokenizer()
     model = model or tiny_llama(tokenizer)
     toy_forget, toy_retain, toy_idk = toy_data(tokenizer)
+    if forget_qa is None and forget is None:
+        forget_qa = FORGET_QA
     forget = toy_forget if forget is None else forget
     retain = toy_retain if retain is None else retain
     idk = toy_idk if idk is None else idk
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig(epochs=1, lr=lr, batch_size=len(forget), per_device_batch=len(forget), warmup_epochs=0,
+    whole = 1 << 16  # one micro-batch holds every (prepared) forget item
+    cfg = TrainConfig(epochs=1, lr=lr, batch_size=whole, per_device_batch=whole, warmup_epochs=0,
                       weight_decay=0.0, schedule="constant", optimizer="adamw_torch", seed=seed,
                       accelerate=accelerate)
     with tempfile.TemporaryDirectory() as tmp:
         out = unlearn(model, tokenizer, method, forget, retain, cfg,
-                      idk_items=idk if getattr(method, "uses_idk", False) else None, out_dir=Path(tmp)).model
+                      idk_items=idk if getattr(method, "uses_idk", False) else None, out_dir=Path(tmp),
+                      template=TOY_TEMPLATE, forget_qa=forget_qa).model
         rows = read_jsonl(Path(tmp) / "train_log.jsonl")
     if len(rows) != 1:
         raise AssertionError(f"expected one optimizer step, the log has {len(rows)}")

@@ -19,14 +19,8 @@ import torch
 
 from harness import hookimpl
 from harness.activations import capture
-from harness.losses import IGNORE, forward_logits
+from harness.losses import activation_mse, forward_logits
 from harness.methods import Method
-
-
-def activation_loss(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    mask = (labels != IGNORE).float()
-    per_token = (act.float() - target.float()).pow(2).mean(dim=-1)
-    return ((per_token * mask).sum(dim=-1) / mask.sum(dim=-1)).mean()
 
 
 @dataclass
@@ -54,8 +48,8 @@ class RMU(Method):
             u = torch.rand(1, 1, a_forget.size(-1), generator=self._run.generator)
             self._control = (self.steering_coeff * u / u.norm()).to(a_forget.dtype).to(a_forget.device)
             self._run.record("rmu_control_vector", [round(x, 6) for x in self._control.flatten().tolist()[:8]])
-        forget = activation_loss(a_forget, self._control, f["labels"])
-        retain = activation_loss(a_retain, ref.activation(r, self.module_regex), r["labels"])
+        forget = activation_mse(a_forget, self._control, f["labels"])
+        retain = activation_mse(a_retain, ref.activation(r, self.module_regex), r["labels"])
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 

@@ -5,11 +5,14 @@
 
 # grid_usage SCRIPT: the --help text; the wrapper gives its own --model lines on stdin.
 grid_usage() {
-  echo "usage: scripts/$1 [--model PROFILE[,PROFILE]|tiny] [--seeds 0,1,2] [-o DIR]"
+  echo "usage: scripts/$1 [--model PROFILE[,PROFILE]|tiny] [--methods M[,M]] [--seeds 0,1,2] [-o DIR]"
   printf '%*s%s\n' $(( ${#1} + 16 )) '' "[--shard i/n] [--dry-run] [--limit N] [--accelerate CFG] [-- RUN_ARGS...]"
   echo
   cat
   cat <<'EOF'
+  --methods     comma-separated methods (default: the published grid's). Also accepted: rmu, undial,
+                wga, satimp, ce_u, pdu, altpo; these take epochs and learning rate from the task's
+                per-method defaults (the reference experiments'), not the published grid's
   --seeds       comma-separated seeds for every unlearning cell (default 0)
   -o/--output   results folder (default results)
   --shard i/n   run only cells i, i+n, i+2n, ... (0-based; e.g. a Slurm array task id)
@@ -25,6 +28,7 @@ grid_options() {
   shift
   MODELS="${HARNESS_MODEL:-}"
   SEEDS=0
+  METHODS_OPT=""
   OUT=results
   SHARD=""
   DRY=0
@@ -35,6 +39,8 @@ grid_options() {
     case "$1" in
       --model) MODELS="${2:?--model needs a value}"; shift 2 ;;
       --model=*) MODELS="${1#*=}"; shift ;;
+      --methods) METHODS_OPT="${2:?--methods needs a value}"; shift 2 ;;
+      --methods=*) METHODS_OPT="${1#*=}"; shift ;;
       --seeds) SEEDS="${2:?--seeds needs a value}"; shift 2 ;;
       --seeds=*) SEEDS="${1#*=}"; shift ;;
       -o|--output) OUT="${2:?--output needs a value}"; shift 2 ;;
@@ -77,6 +83,29 @@ grid_options() {
   CELLS=()
 }
 
+# grid_methods PUBLISHED... -- OTHERS...: METHODS = the --methods list (each one of the published or the
+# other accepted names) or, without --methods, the published grid.
+grid_methods() {
+  PUBLISHED=()
+  local others=() m ok
+  while [[ $# -gt 0 && "$1" != -- ]]; do PUBLISHED+=("$1"); shift; done
+  [[ "${1:-}" == -- ]] && shift
+  others=("$@")
+  if [[ -z "$METHODS_OPT" ]]; then
+    METHODS=("${PUBLISHED[@]}")
+    return
+  fi
+  IFS=',' read -r -a METHODS <<<"$METHODS_OPT"
+  for m in "${METHODS[@]}"; do
+    ok=0
+    for k in "${PUBLISHED[@]}" "${others[@]}"; do [[ "$m" == "$k" ]] && ok=1; done
+    if (( ! ok )); then
+      echo "error: --methods: unknown method '$m' (accepted: ${PUBLISHED[*]} ${others[*]})" >&2
+      exit 2
+    fi
+  done
+}
+
 # One cell = one harness command, stored shell-quoted so paths with spaces survive.
 add_cell() {
   local word quoted=""
@@ -106,6 +135,15 @@ grid_model_args() {
     accel="${ACCEL:-zero3}"
   fi
   [[ -n "$accel" && "$accel" != none ]] && train+=(--accelerate "$accel")
+  # the same without --epochs / --lr: for methods outside the published grid
+  train_own=()
+  local i=0
+  while (( i < ${#train[@]} )); do
+    case "${train[$i]}" in
+      --epochs|--lr) i=$((i + 2)) ;;
+      *) train_own+=("${train[$i]}"); i=$((i + 1)) ;;
+    esac
+  done
 }
 
 # grid_add_cells BENCH SPLIT...: the Finetuned and Retain evaluations of every split, then every
@@ -119,7 +157,12 @@ grid_add_cells() {
   done
   for split in "$@"; do
     for method in "${METHODS[@]}"; do
-      add_cell run -t "${bench}_$split" -m "$method" --seeds "$SEEDS" "${common[@]}" "${train[@]}" "${RUN_EXTRA[@]}"
+      if [[ " ${PUBLISHED[*]} " == *" $method "* ]]; then
+        add_cell run -t "${bench}_$split" -m "$method" --seeds "$SEEDS" "${common[@]}" "${train[@]}" "${RUN_EXTRA[@]}"
+      else  # the task's per-method epochs / lr (the reference experiments'), not the published grid's
+        add_cell run -t "${bench}_$split" -m "$method" --seeds "$SEEDS" "${common[@]}" "${train_own[@]}" \
+          "${RUN_EXTRA[@]}"
+      fi
     done
   done
 }

@@ -21,7 +21,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_grid.sh"
 grid_options llama2-7b "$@"
 
 SPLITS=(news books)
-METHODS=(grad_ascent grad_diff npo simnpo)
+grid_methods grad_ascent grad_diff npo simnpo -- rmu undial wga satimp ce_u pdu altpo
 for model in "${MODEL_LIST[@]}"; do
   grid_model_args "$model" --epochs 10 --lr 1e-5 --train-batch-size 64 --per-device-batch 4 \
     --optimizer paged_adamw_32bit

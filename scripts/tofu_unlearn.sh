@@ -21,7 +21,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_grid.sh"
 grid_options llama2-7b-chat,llama3.2-1b-instruct "$@"
 
 SPLITS=(forget01 forget05 forget10)
-METHODS=(grad_ascent grad_diff idk_dpo npo simnpo)
+grid_methods grad_ascent grad_diff idk_dpo npo simnpo -- rmu undial wga satimp ce_u pdu altpo
 for model in "${MODEL_LIST[@]}"; do
   grid_model_args "$model" --epochs 10 --lr 1e-5 --train-batch-size 32 --per-device-batch 4 \
     --optimizer paged_adamw_32bit --gradient-checkpointing

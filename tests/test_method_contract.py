@@ -155,6 +155,7 @@ def test_idk_methods_with_logprobs_keep_the_copy_for_drawn_pairs(tok, data):
     ("grad_diff", {}, "none"), ("grad_diff", {"retain_loss_type": "KL"}, "model"),
     ("npo", {}, "logprobs"), ("npo", {"retain_loss_type": "KL"}, "model"),
     ("idk_dpo", {}, "logprobs"), ("idk_dpo", {"retain_loss_type": "KL"}, "model"),
+    ("rmu", {}, "model"), ("undial", {}, "model"), ("pdu", {"retain_loss_eps": 0.3}, "none"),
 ])
 def test_builtin_reference_needs_per_configuration(name, params, kind):
     method = build_method(METHODS[name], params)
@@ -203,11 +204,11 @@ def test_legacy_needs_reference_declarations_map_onto_reference(tok, data, monke
 
     # loaded under another name: sys.modules must not hold the example before test_plugins_pkg installs it
     src = ROOT / "examples" / "harness-example-method" / "harness_example_method" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("example_wga_unregistered", src)
+    spec = importlib.util.spec_from_file_location("example_maxent_unregistered", src)
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses resolve ClassVar through it
     spec.loader.exec_module(example)
-    assert reference_of(example.WGA()) == "none"  # the example plugin declares needs_reference = False
+    assert reference_of(example.MaxEnt()) == "none"  # the example plugin declares needs_reference = False
     assert reference_of(LegacyModel()) == "model"
     assert reference_of(LegacyLogprobs()) == "logprobs"
     assert reference_of(LegacyPerInstance()) == "none" and not LegacyPerInstance().needs_reference
@@ -268,10 +269,14 @@ def test_ls_methods_shows_the_reference_each_default_configuration_needs():
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
     assert out.splitlines()[1].split()[:5] == ["name", "display", "reference", "idk", "from"]
     want = {"grad_ascent": ("none", "no"), "grad_diff": ("none", "no"), "npo": ("logprobs", "no"),
-            "idk_dpo": ("logprobs", "yes"), "simnpo": ("none", "no")}
+            "idk_dpo": ("logprobs", "yes"), "simnpo": ("none", "no"), "rmu": ("model", "no"),
+            "undial": ("model", "no"), "pdu": ("none", "no")}
     for name, (kind, idk) in want.items():
         assert tuple(rows[name][2:4]) == (kind, idk), rows[name]
     assert re.search(r"^\s+npo .*retain_loss_type=NLL \(NLL\|KL\)", out, re.M)
+    assert re.search(r"^\s+pdu .*retain_loss_eps=\(required\), .*dual_warmup_epochs=5", out, re.M)
+    assert re.search(r"^\s+rmu .*steering_coeff=2.0, module_regex=model\\.layers\\.7, trainable_params=\.\*", out, re.M)
+    assert re.search(r"^\s+undial .*gamma=1.0, alpha=0.0, beta=10.0", out, re.M)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from harness.losses import forward_logits, sequence_logprob, token_mean_nll
+from harness.methods import required_fields
 from harness.plugins import get_registry
 from harness.testing import one_step, tiny_llama, toy_data
 from harness.training import StartModel, collate
@@ -20,14 +21,36 @@ SPEC_DEFAULTS = {
     "npo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0},
     "idk_dpo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0},
     "simnpo": {"delta": 0.0, "beta": 4.5, "alpha": 1.0, "gamma": 0.125},
+    "rmu": {"gamma": 1.0, "alpha": 1.0, "steering_coeff": 2.0, "module_regex": r"model\.layers\.7",
+            "trainable_params": ".*"},
+    "undial": {"gamma": 1.0, "alpha": 0.0, "beta": 10.0},
+    "pdu": {"retain_loss_eps": None, "gamma": 1.0, "alpha": 1.0, "primal_dual": True, "dual_step_size": 1.0,
+            "dual_update_upon": "step", "dual_warmup_epochs": 5},
+    "wga": {"beta": 1.0, "alpha": 1.0, "gamma": 1.0, "retain_loss_type": "NLL"},
+    # SatImp.yaml's values, which the published runs use (the class defaults are gamma=1, alpha=0.1)
+    "satimp": {"beta1": 5.0, "beta2": 1.0, "alpha": 1.0, "gamma": 0.1, "retain_loss_type": "NLL"},
+    "ce_u": {"ignore_first_n_answer_tokens": 1},
+    "altpo": {"beta": 0.1, "alpha": 1.0, "gamma": 1.0, "n_alternates": 5, "temperature": 1.0,
+              "max_new_tokens": 200},
 }
 DISPLAY = {"grad_ascent": "GradAscent", "grad_diff": "GradDiff", "npo": "NPO", "idk_dpo": "IdkDPO",
-           "simnpo": "SimNPO"}
+           "simnpo": "SimNPO", "rmu": "RMU", "undial": "UNDIAL", "pdu": "PDU",
+           "wga": "WGA", "satimp": "SatImp", "ce_u": "CE-U", "altpo": "AltPO"}
+
+
+# keeps the step fast: AltPO's prepare step would sample 200 tokens per alternate on the toy model
+ONE_STEP_OVERRIDES = {"altpo": {"max_new_tokens": 8}}
+
+
+def _instance(cls):
+    """The default configuration; a required hyper-parameter (PDU's retain_loss_eps) gets a plain value."""
+    return cls(**{f: 0.3 for f in required_fields(cls)}, **ONE_STEP_OVERRIDES.get(cls.name, {}))
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY.methods))
 def test_one_step_of_every_registered_method(name, tok):
-    result = one_step(REGISTRY.methods[name](), tiny_llama(tok), tok)
+    # 8 layers: RMU's default module is decoder layer 7
+    result = one_step(_instance(REGISTRY.methods[name]), tiny_llama(tok, layers=8), tok)
     assert math.isfinite(result.loss)
     assert result.changed, f"{name}: no parameter changed after one step"
     assert result.grad_norm is not None and math.isfinite(result.grad_norm) and result.grad_norm > 0

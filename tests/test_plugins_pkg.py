@@ -28,8 +28,8 @@ def _renamed_copy(dst):
     for f in (dst / "pyproject.toml", dst / "my_unlearn_method" / "__init__.py"):
         text = (f.read_text().replace("harness-example-method", "my-unlearn-method")
                 .replace("harness_example_method", "my_unlearn_method").replace('version = "0.1.0"', 'version = "2.3.0"')
-                .replace('wga = "my_unlearn_method"', 'mine = "my_unlearn_method"')
-                .replace('name: ClassVar[str] = "wga"', 'name: ClassVar[str] = "my_wga"'))
+                .replace('maxent = "my_unlearn_method"', 'mine = "my_unlearn_method"')
+                .replace('name: ClassVar[str] = "maxent"', 'name: ClassVar[str] = "my_maxent"'))
         f.write_text(text)
     return dst
 
@@ -81,30 +81,33 @@ def test_installed_plugins_are_listed_and_benchmarked_next_to_npo(installed, tmp
     out, err = _cli_in_fresh_process(
         [installed["target"], installed["site"]],
         ["ls", "methods"], ["ls", "plugins"],
-        ["run", "-t", "tofu_forget01", "-m", "wga,my_wga,npo", "--set", "my_wga.beta=0.5", "--dry-run", "-o", str(tmp_path)])
+        ["run", "-t", "tofu_forget01", "-m", "maxent,my_maxent,wga,npo", "--set", "my_maxent.alpha=0.5", "--dry-run",
+         "-o", str(tmp_path)])
     assert "Traceback" not in err
-    assert _row(out, "wga")[:6] == ["wga", "WGA", "none", "no", "harness-example-method", "0.1.0"]
-    assert "beta=1.0, gamma=1.0, alpha=1.0" in out
+    assert _row(out, "maxent")[:6] == ["maxent", "MaxEnt", "none", "no", "harness-example-method", "0.1.0"]
+    assert "gamma=1.0, alpha=1.0" in out
+    assert _row(out, "wga")[:5] == ["wga", "WGA", "none", "no", "unlearn-harness"]  # the built-in, no collision
     # the copied, renamed, editable-installed method: its own name, distribution and version
-    assert _row(out, "my_wga")[:6] == ["my_wga", "WGA", "none", "no", "my-unlearn-method", "2.3.0"]
+    assert _row(out, "my_maxent")[:6] == ["my_maxent", "MaxEnt", "none", "no", "my-unlearn-method", "2.3.0"]
     assert _row(out, "mine")[:6] == ["mine", "entrypoint", "my-unlearn-method", "2.3.0", "loaded", "1"]
-    assert _row(out, "wga")[:1] == ["wga"] and "entrypoint" in out
-    assert "3 run(s):" in out
-    grid = out.split("3 run(s):")[1]
-    assert "tofu_forget01 x wga x seed 0" in grid and "tofu_forget01 x npo x seed 0" in grid
-    assert "method: {beta: 0.5, gamma: 1.0, alpha: 1.0}" in grid  # the --set reached the renamed copy
+    assert _row(out, "maxent")[:1] == ["maxent"] and "entrypoint" in out
+    assert "4 run(s):" in out
+    grid = out.split("4 run(s):")[1]
+    assert "tofu_forget01 x maxent x seed 0" in grid and "tofu_forget01 x npo x seed 0" in grid
+    assert "method: {gamma: 1.0, alpha: 0.5}" in grid  # the --set reached the renamed copy
     assert out.count("rc 0") == 3
 
 
 def test_editable_install_runs_the_copy_in_place(installed):
     # editing the source of an editable install takes effect without reinstalling
     src = installed["copy"] / "my_unlearn_method" / "__init__.py"
-    src.write_text(src.read_text().replace('display_name: ClassVar[str] = "WGA"', 'display_name: ClassVar[str] = "MyWGA"'))
+    src.write_text(src.read_text().replace('display_name: ClassVar[str] = "MaxEnt"',
+                                          'display_name: ClassVar[str] = "MyMaxEnt"'))
     out, _ = _cli_in_fresh_process([installed["site"]], ["ls", "methods", "my_*"])
-    assert _row(out, "my_wga")[:2] == ["my_wga", "MyWGA"]
+    assert _row(out, "my_maxent")[:2] == ["my_maxent", "MyMaxEnt"]
 
 
-EXAMPLE_TESTS = sorted(n for n in (EXAMPLE / "tests" / "test_wga.py").read_text().split()
+EXAMPLE_TESTS = sorted(n for n in (EXAMPLE / "tests" / "test_maxent.py").read_text().split()
                        if n.startswith("test_") and n.endswith("():"))
 
 
@@ -114,7 +117,7 @@ def test_example_package_own_tests_pass(installed, monkeypatch, name):
     import importlib.util
 
     monkeypatch.syspath_prepend(str(installed["target"]))
-    spec = importlib.util.spec_from_file_location("example_test_wga", EXAMPLE / "tests" / "test_wga.py")
+    spec = importlib.util.spec_from_file_location("example_test_maxent", EXAMPLE / "tests" / "test_maxent.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.harness_example_method.__file__.startswith(str(installed["target"]))
@@ -130,15 +133,15 @@ def test_allowlist(installed, monkeypatch, fresh_registry, allow, present):
     else:
         monkeypatch.setenv("HARNESS_PLUGINS", allow)
     _, methods, _ = run_cli("ls", "methods")
-    assert (_row(methods, "wga") is not None) is present
+    assert (_row(methods, "maxent") is not None) is present
     assert _row(methods, "npo") is not None  # built-ins are never filtered
     _, listing, _ = run_cli("ls", "plugins")
-    status = _row(listing, "wga")
-    assert status[:5] == ["wga", "entrypoint", "harness-example-method", "0.1.0", "loaded" if present else "disabled"]
+    status = _row(listing, "maxent")
+    assert status[:5] == ["maxent", "entrypoint", "harness-example-method", "0.1.0", "loaded" if present else "disabled"]
     if not present:
         assert "not in HARNESS_PLUGINS" in listing
-        rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "wga", "--dry-run", check=False)
-        assert rc == 2 and "unknown method 'wga'" in err
+        rc, _, err = run_cli("run", "-t", "tofu_forget01", "-m", "maxent", "--dry-run", check=False)
+        assert rc == 2 and "unknown method 'maxent'" in err
 
 
 DRAFT = """

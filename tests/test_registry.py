@@ -14,7 +14,7 @@ from harness.methods import Method, build_method
 from harness.plugins import build_registry
 from harness.tasks import parse_task
 
-BUILTIN_METHODS = {"grad_ascent", "grad_diff", "idk_dpo", "npo", "simnpo"}
+BUILTIN_METHODS = {"grad_ascent", "grad_diff", "idk_dpo", "npo", "simnpo", "rmu", "undial", "pdu"}
 TASKS = {"tofu_forget01", "tofu_forget05", "tofu_forget10", "muse_news", "muse_books", "wmdp_bio", "wmdp_cyber"}
 
 

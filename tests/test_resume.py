@@ -20,7 +20,7 @@ from harness.results.rundir import claim, is_complete
 TASK = cheap_task_yaml("t7_resume", "forget01 with one cheap metric, for the resume tests")
 
 # a built-in, the example plugin (installed as a user would) and NPO: the plugin benchmarked next to NPO
-METHODS = ("grad_ascent", "wga", "npo")
+METHODS = ("grad_ascent", "maxent", "npo")
 STEPS = 2  # --limit 4 rows, effective batch 2, one epoch
 
 
@@ -157,17 +157,17 @@ def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
     assert not any(is_complete(d) for m in METHODS[1:] for d in _cells(out, m))
 
     # 2. SIGINT (Ctrl-C) in the middle of the second cell: exit 130, the message, nothing half-written kept
-    # (the killed process may already have left a config.yaml in the wga cell: wait for p2's own)
+    # (the killed process may already have left a config.yaml in the maxent cell: wait for p2's own)
     started = time.time_ns()
     p2 = popen()
     _wait_for(lambda: any((d / "config.yaml").exists() and (d / "config.yaml").stat().st_mtime_ns > started
-                          for d in _cells(out, "wga")) and p2.poll() is None, p2)
+                          for d in _cells(out, "maxent")) and p2.poll() is None, p2)
     p2.send_signal(signal.SIGINT)
     _, err2 = p2.communicate(timeout=120)
     assert p2.returncode == 130, err2[-3000:]
     assert "interrupted: finished runs are kept; rerun the same command to resume" in err2
     assert "Traceback" not in err2
-    assert not any(is_complete(d) for d in _cells(out, "wga"))
+    assert not any(is_complete(d) for d in _cells(out, "maxent"))
 
     # 3. two processes finish the grid together on the same results directory
     p3, p4 = popen(), popen()

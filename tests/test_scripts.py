@@ -159,3 +159,27 @@ def test_execution_calls_harness_per_cell_and_reports_failures(tmp_path):
     assert calls == expected and len(calls) == 3
     assert res.returncode == 1
     assert "1 cell(s) failed" in res.stderr and "-m npo" in res.stderr
+
+
+NEW_METHODS = ["rmu", "undial", "wga", "satimp", "ce_u", "pdu", "altpo"]
+
+
+@pytest.mark.parametrize("path, published", [(TOFU, 10), (MUSE, 10)])
+def test_methods_option_accepts_the_new_methods(path, published):
+    """--methods takes every new method; they get the published batch / optimizer / accelerate, but their
+    epochs and learning rate come from the task's per-method defaults, not the published grid's flags."""
+    runs = [parse(w) for w in grid(path, "--methods", ",".join(NEW_METHODS + ["npo"])) if w[0] == "run"]
+    assert [a.methods for a in runs[:8]] == NEW_METHODS + ["npo"]
+    for a in runs:
+        assert a.accelerate == "zero3" and a.optimizer == "paged_adamw_32bit" and a.per_device_batch == 4
+        if a.methods == "npo":
+            assert (a.lr, a.epochs) == (1e-5, published)
+        else:
+            assert (a.lr, a.epochs) == (None, None)
+    default = {parse(w).methods for w in grid(path) if w[0] == "run"}
+    assert not default & set(NEW_METHODS)  # the published grid stays as published
+
+
+def test_methods_option_rejects_unknown_names():
+    res = script(TOFU, "--dry-run", "--methods", "wga,nosuch", check=False)
+    assert res.returncode == 2 and "unknown method 'nosuch'" in res.stderr and res.stdout == ""

@@ -29,7 +29,8 @@ def _reference(cls) -> str:
 
 def _hyper(cls, f) -> str:
     choices = literal_choices(cls, f.name)
-    return f"{f.name}={f.default}" + (f" ({'|'.join(map(str, choices))})" if choices else "")
+    default = "(required)" if f.metadata.get("required") else f.default
+    return f"{f.name}={default}" + (f" ({'|'.join(map(str, choices))})" if choices else "")
 
 
 def render(what: str, pattern: str, reg) -> str:

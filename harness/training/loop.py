@@ -33,7 +33,11 @@ import torch
 from harness import HarnessError
 from harness.losses import forward_logits, token_mean_nll
 from harness.methods import TrainingState, reference_of, trainable_patterns
+<<<<<<< HEAD
 from harness.training import adapters
+=======
+from harness.options import EVAL_BATCH_SIZE
+>>>>>>> main
 from harness.training import distributed as dist_utils
 from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
 from harness.training.config import TrainConfig, plan
@@ -278,14 +282,24 @@ def method_uses_reference(method) -> bool:
 
 
 def method_batch(forget: Sequence[dict], retain: Sequence[dict] | None, idk: Sequence[dict] | None,
-                 pad_id: int, mask: str, side: str = "right") -> dict:
-    """The batch ``method.loss`` gets from already chosen items (each carrying ``index``, idk ones ``alt``)."""
+                 pad_id: int, mask: str, side: str = "right", extra: dict[str, Sequence[dict]] | None = None) -> dict:
+    """The batch ``method.loss`` gets from already chosen items (each carrying ``index``, idk ones ``alt``);
+    ``extra``: the parts a method's prepare step added, one item per forget item."""
     batch = {"forget": collate(forget, pad_id, mask, side)}
     if retain:
         batch["retain"] = collate(retain, pad_id, mask, side)
     if idk:
         batch["idk"] = collate(idk, pad_id, mask, side)
+    for name, items in (extra or {}).items():
+        batch[name] = collate(items, pad_id, mask, side)
     return batch
+
+
+def _prepares(method) -> bool:
+    from harness.methods import Method
+
+    own = getattr(type(method), "prepare", None)
+    return own is not None and own is not Method.prepare
 
 
 def unlearn(
@@ -303,6 +317,8 @@ def unlearn(
     save_dir: Path | None = None,
     accelerator=None,
     desc: str | None = None,
+    template=None,
+    forget_qa: Sequence[tuple[str, str]] | None = None,
     tracker=None,
 ):
     """Unlearn ``forget_items`` from ``model`` with ``method`` (a ``harness.methods.Method`` instance).
@@ -321,10 +337,26 @@ def unlearn(
       keeps the frozen model). ``info["reference_forwards"]`` counts the reference forwards run.
     - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result;
       ``tracker``: ``--report-to`` trackers (``harness.training.tracking.Trackers``) that get each log row.
+    - ``template``/``forget_qa``: the prompt template and the forget ``(question, answer)`` texts, for a
+      method's prepare step (``Method.prepare``, run on the start model before training; what it builds is
+      cached in ``out_dir/prepare/``). Its ``"forget"`` part replaces ``forget_items``, other parts join
+      every batch under their names (reference log-probs of each are precomputed like the forget set's).
     Batches given to ``method.loss`` are ``{"forget", "retain"[, "idk"]}`` parts with ``input_ids``,
     ``attention_mask``, ``labels`` and ``index`` (idk parts also ``alt``, the drawn alternative).
     Returns a ``TrainResult``: the unlearned plain model in eval mode and the derived step counts.
     """
+    extra: dict[str, list[dict]] = {}
+    if _prepares(method):
+        from harness.training.prepare import Preparation, run_prepare
+
+        accelerator = accelerator or dist_utils.make_accelerator(cfg.accelerate)
+        start = Preparation(model, tokenizer, list(forget_items), qa=list(forget_qa) if forget_qa else None,
+                            template=template, seed=cfg.seed, batch_size=EVAL_BATCH_SIZE,
+                            cache_dir=Path(out_dir) / "prepare" if out_dir is not None else None,
+                            max_length=cfg.max_length, accelerator=accelerator)
+        extra = run_prepare(method, start)
+        forget_items = extra.pop("forget", forget_items)
+        extra = {name: [{**it, "index": i} for i, it in enumerate(items)] for name, items in extra.items()}
     forget = [{**it, "index": i} for i, it in enumerate(forget_items)]
     retain = [{**it, "index": i} for i, it in enumerate(retain_items or [])]
     uses_idk = bool(getattr(method, "uses_idk", False))
@@ -356,7 +388,8 @@ def unlearn(
             for i in idx:
                 j = int(torch.randint(0, len(idk_items[i]), (1,), generator=gen))
                 alts.append({**idk_items[i][j], "index": i, "alt": j})
-        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask, cfg.padding_side)
+        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask, cfg.padding_side,
+                            {name: [items[i] for i in idx] for name, items in extra.items()})
 
     def loss_fn(m, batch):
         out = method.loss(m, batch, ref_holder.get("ref"))
@@ -374,8 +407,14 @@ def unlearn(
             ref_net = dist_utils.prepare_reference(acc, start_ref)
         start_ref = None  # StartModel holds the only reference, so releasing it frees the copy
         ref = StartModel(ref_net, cache=cache_reference, keep_model=kind == "model" or uses_idk,
+<<<<<<< HEAD
                          allow_logits=kind == "model", accelerator=acc, disable_adapter=through_adapter)
         ref.precompute(forget, "forget", pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
+=======
+                         allow_logits=kind == "model", accelerator=acc)
+        for name, items in {"forget": forget, **extra}.items():
+            ref.precompute(items, name, pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
+>>>>>>> main
         if cache_reference:
             ref.release_model()
         ref_holder["ref"] = ref

@@ -1,13 +1,13 @@
-"""WGA, weighted gradient ascent (Wang et al., 2025, "Rethinking LLM Unlearning Objectives"):
-gradient ascent on the forget answers in which each answer token's NLL is weighted by the model's
-own probability of that token raised to ``beta`` (a constant, no gradient through the weight).
+"""MaxEnt: maximum-entropy forgetting with a GradDiff retain term. At every forget answer position the
+model is pushed towards the uniform distribution over the vocabulary (it stops preferring any token),
+while the retain answers keep their likelihood.
 
-    forget = -(1/N) * sum_t w_t * NLL_t,   w_t = stopgrad(exp(-NLL_t)) ** beta
+    H_t    = -sum_v p_t(v) log p_t(v),   p_t = softmax(logits_t)   (the prediction of answer token t)
+    forget = -(1/N) * sum_t H_t          (N: the answer tokens of the micro-batch)
     loss   = gamma * forget + alpha * NLL_mean(retain)
 
-N counts the answer tokens of the micro-batch. Plain gradient ascent (``beta=0``) pushes hardest on
-tokens the model already finds unlikely, so it keeps diverging after the forget answers are gone;
-the weights shrink as a token is forgotten, so WGA slows down by itself.
+Equivalently forget = mean_t KL(p_t || uniform) - log V: minimising it maximises the entropy. Unlike
+gradient ascent the forget term is bounded (it cannot go below -log V), so it does not diverge.
 """
 
 from __future__ import annotations
@@ -16,37 +16,35 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness import HarnessError, hookimpl
-from harness.losses import IGNORE, forward_logits, token_mean_nll, token_nll
+from harness.losses import IGNORE, forward_logits, token_mean_nll
 from harness.methods import Method
 
 __version__ = "0.1.0"
 
 
 @dataclass
-class WGA(Method):
-    """Hyper-parameters are the dataclass fields: ``harness run -m wga --set wga.beta=0.5``."""
+class MaxEnt(Method):
+    """Hyper-parameters are the dataclass fields: ``harness run -m maxent --set maxent.gamma=0.5``."""
 
-    name: ClassVar[str] = "wga"
-    display_name: ClassVar[str] = "WGA"
-    needs_reference: ClassVar[bool] = False  # no frozen start model: cheaper than NPO
-    beta: float = 1.0
+    name: ClassVar[str] = "maxent"
+    display_name: ClassVar[str] = "MaxEnt"
+    needs_reference: ClassVar[bool] = False  # no frozen start model
     gamma: float = 1.0
     alpha: float = 1.0
 
     def __post_init__(self):
-        if self.beta < 0:
-            raise HarnessError(f"wga.beta must be >= 0, got {self.beta}")
+        if self.gamma < 0:
+            raise HarnessError(f"maxent.gamma must be >= 0, got {self.gamma}")
 
     def loss(self, model, batch, ref):
         f, r = batch["forget"], batch["retain"]
-        nll = token_nll(forward_logits(model, f), f["labels"])  # (B, T-1), 0 on prompt and padding
-        mask = f["labels"][:, 1:] != IGNORE
-        weight = (-nll.detach()).exp() ** self.beta
-        forget = -(weight * nll)[mask].mean()
+        logp = forward_logits(model, f)[:, :-1].log_softmax(-1)  # position t predicts label t+1
+        entropy = -(logp.exp() * logp).sum(-1)
+        forget = -entropy[f["labels"][:, 1:] != IGNORE].mean()
         retain = token_mean_nll(forward_logits(model, r), r["labels"])
         return self.gamma * forget + self.alpha * retain, {"forget": forget, "retain": retain}
 
 
 @hookimpl
 def register_methods(register):
-    register(WGA)
+    register(MaxEnt)
