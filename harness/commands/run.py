@@ -230,15 +230,9 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     tracker = open_trackers(cell, opts, first_plan)
     try:
         result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
-<<<<<<< HEAD
-                                  retain, cfg, idk_items=idk, out_dir=cell.dir,
-                                  cache_reference=not opts.no_cache_reference,
-                                  save_dir=save_dir, tracker=tracker)
-=======
                                   retain, cfg, idk_items=idk, out_dir=cell.dir, template=template,
                                   forget_qa=_forget_qa(task, forget_rows), cache_reference=not opts.no_cache_reference,
-                                  save_dir=cell.dir / "model" if save else None, tracker=tracker)
->>>>>>> main
+                                  save_dir=save_dir, tracker=tracker)
         write_config(cell.dir, cell.config, {"plan": result.info})
         if not is_main_process():
             return None
@@ -312,21 +306,20 @@ def share_cell(cell: Cell, opts: RunOptions, scores: dict) -> None:
         print(f"pushed {cell.task.name} x {cell.method_name} x seed {cell.seed} to {repo}: {url}")
 
 
-<<<<<<< HEAD
 def save_template(directory: Path, template) -> None:
     """The prompt template beside a saved checkpoint or adapter (``harness_template.yaml``)."""
     from harness.io import write_yaml
     from harness.models.load import CHECKPOINT_TEMPLATE
 
     write_yaml(Path(directory) / CHECKPOINT_TEMPLATE, {k: v for k, v in template.to_dict().items() if v is not None})
-=======
+
+
 def _forget_qa(task: Task, rows: list[dict]) -> list[tuple[str, str]] | None:
     """The forget (question, answer) texts a method's prepare step sees (none for corpus tasks)."""
     if task.train_format != "qa":
         return None
     q, a = task.field_name("question"), task.field_name("answer")
     return [(r[q], r[a]) for r in rows]
->>>>>>> main
 
 
 def read_scores(d: Path) -> dict:

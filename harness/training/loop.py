@@ -33,11 +33,8 @@ import torch
 from harness import HarnessError
 from harness.losses import forward_logits, token_mean_nll
 from harness.methods import TrainingState, reference_of, trainable_patterns
-<<<<<<< HEAD
-from harness.training import adapters
-=======
 from harness.options import EVAL_BATCH_SIZE
->>>>>>> main
+from harness.training import adapters
 from harness.training import distributed as dist_utils
 from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
 from harness.training.config import TrainConfig, plan
@@ -407,14 +404,9 @@ def unlearn(
             ref_net = dist_utils.prepare_reference(acc, start_ref)
         start_ref = None  # StartModel holds the only reference, so releasing it frees the copy
         ref = StartModel(ref_net, cache=cache_reference, keep_model=kind == "model" or uses_idk,
-<<<<<<< HEAD
                          allow_logits=kind == "model", accelerator=acc, disable_adapter=through_adapter)
-        ref.precompute(forget, "forget", pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
-=======
-                         allow_logits=kind == "model", accelerator=acc)
         for name, items in {"forget": forget, **extra}.items():
             ref.precompute(items, name, pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
->>>>>>> main
         if cache_reference:
             ref.release_model()
         ref_holder["ref"] = ref
