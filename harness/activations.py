@@ -26,6 +26,8 @@ def unwrap(model):
     """The model inside accelerate/DeepSpeed/torch.compile wrappers (module names as the user sees them)."""
     while type(model).__name__ in _WRAPPERS:
         model = getattr(model, "module", None) or model._orig_mod
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # a peft model: names as in the base model (LoRA layers sit inside)
     return model
 
 

@@ -84,6 +84,20 @@ def _eval_batch_arg(p: argparse.ArgumentParser, *, alias: bool = False) -> None:
         p.add_argument("--batch-size", dest="eval_batch_size", type=int, action=_Deprecated, help=argparse.SUPPRESS)
 
 
+def _peft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peft", metavar="lora|FILE",
+                   help="train an adapter only (peft): 'lora' with the --lora-* settings, or a PEFT config file "
+                        "(JSON/YAML with peft_type, or a directory with adapter_config.json)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-target-modules", metavar="NAMES",
+                   help="comma separated module names (default: every Llama linear layer, q_proj,...,down_proj)")
+    p.add_argument("--merge", action="store_true",
+                   help="also save the adapter merged into the base weights as a plain checkpoint")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: load the base model in 4-bit nf4 (CUDA, bitsandbytes)")
+
+
 def _tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-to", metavar="TRACKERS",
                    help="log training to accelerate trackers, comma separated: tensorboard, wandb, mlflow, ... "
@@ -149,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_args(p)
     p.add_argument("--per-device-batch", type=int)
     _eval_batch_arg(p)
-    p.add_argument("--optimizer", help="e.g. paged_adamw_32bit (default from the task), adamw_torch")
+    p.add_argument("--optimizer", help="paged_adamw_32bit (default from the task), adamw_8bit, paged_adamw_8bit, "
+                                       "adamw_32bit (bitsandbytes on CUDA; torch AdamW on CPU), adamw_torch")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save the unlearned model as a HF checkpoint in the run directory")
     p.add_argument("--no-cache-reference", action="store_true", help="recompute reference log-probs every step instead of caching them")
@@ -166,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="at most N cells running at once")
     p.add_argument("--slurm-setup", action="append", metavar="LINE",
                    help="shell line run before each job, e.g. 'source venv/bin/activate' (repeatable)")
+    _peft_args(p)
     _tracking_args(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID",
                    help="upload the saved model, its model card and results to the Hugging Face hub in one commit "
@@ -204,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--data-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint that --output already holds")
+    _peft_args(p)
     _tracking_args(p)
     _common(p)
 
@@ -245,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if opts.verbose else "%(message)s")
-    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "deepspeed", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "deepspeed", "httpx", "urllib3", "filelock",
+                  "torchao", "torch.utils._pytree", "bitsandbytes"):  # peft imports torchao if installed
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not _has_cuda_hint():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator probe

@@ -163,6 +163,34 @@ class ModelOptions:
 
 
 @dataclass
+class PeftOptions:
+    """Parameter-efficient training (``run`` and ``finetune``): ``peft`` is ``lora`` or a PEFT config file."""
+
+    peft: str | None = None
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_target_modules: str | None = None
+    merge: bool = False
+    load_in_4bit: bool = False
+
+    def validate_peft(self) -> None:
+        _positive("--lora-r", self.lora_r, integer=True)
+        _positive("--lora-alpha", self.lora_alpha)
+        if self.lora_dropout is not None and not (math.isfinite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            raise HarnessError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None:
+            items("--lora-target-modules", self.lora_target_modules)
+        if not self.peft:
+            for flag, value in (("--merge", self.merge), ("--load-in-4bit", self.load_in_4bit)):
+                if value:
+                    raise HarnessError(f"{flag} needs --peft lora (or --peft CONFIG_FILE)")
+        if self.merge and self.load_in_4bit:
+            raise HarnessError("--merge with --load-in-4bit would merge into 4-bit weights; train with "
+                               "--load-in-4bit, then merge the saved adapter into a bf16 base")
+
+
+@dataclass
 class EvalOptions(Common, ModelOptions):
     tasks: str = ""
     output: str = "results"
@@ -178,7 +206,7 @@ class EvalOptions(Common, ModelOptions):
 
 
 @dataclass
-class RunOptions(Common, ModelOptions):
+class RunOptions(Common, ModelOptions, PeftOptions):
     tasks: str = ""
     methods: str = ""
     set: list[str] = field(default_factory=list)
@@ -237,6 +265,9 @@ class RunOptions(Common, ModelOptions):
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
         _positive("--eval-batch-size", self.eval_batch_size, integer=True)
+        self.validate_peft()
+        if self.merge and not (self.save_model or self.push_to_hub):
+            raise HarnessError("--merge needs --save-model (it writes the merged checkpoint to the run directory)")
 
     def seed_list(self) -> list[int]:
         return [int(s) for s in items("--seeds", self.seeds)]
@@ -275,7 +306,7 @@ def to_argv(opts, skip=()) -> list[str]:
 
 
 @dataclass
-class FinetuneOptions(Common):
+class FinetuneOptions(Common, PeftOptions):
     model: str = ""
     split: str = "full"
     task: str | None = None  # whose finetune: recipe; default: the one recipe offering --split
@@ -307,6 +338,7 @@ class FinetuneOptions(Common):
         _positive("--max-length", self.max_length, integer=True)
         _non_negative("--warmup-epochs", self.warmup_epochs)
         _non_negative("--weight-decay", self.weight_decay)
+        self.validate_peft()
 
 
 @dataclass

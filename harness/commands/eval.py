@@ -40,13 +40,13 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
     loaded: dict[tuple, tuple] = {}
     dirs: dict[str, Path] = {}
     for task, choice, fingerprints in plan:
-        key = (choice.start, choice.tokenizer, choice.dtype)
+        key = (choice.start, choice.tokenizer, choice.dtype, choice.adapter)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
             tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
             dtype = choice.load_dtype()
             model = load_model(choice.start_path(), dtype=dtype, trust_remote_code=opts.trust_remote_code,
-                               device=device())
+                               device=device(), adapter=choice.adapter)
             check_checkpoint(model, tok, choice.start)
             loaded[key] = (model, tok, dtype)
         model, tok, dtype = loaded[key]

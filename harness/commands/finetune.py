@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from harness import HarnessError
+from harness.commands.run import peft_of
 from harness.data.encode import Template, encode_qa
 from harness.data.splits import check_data_dir, load_split
 from harness.io import write_yaml
@@ -17,6 +18,7 @@ from harness.plugins import get_registry
 from harness.results.rundir import recover, replacing
 from harness.tasks import Task, select, suggest
 from harness.training import TrainConfig, config_dict, distributed, finetune
+from harness.training.adapters import ADAPTER_CONFIG, save_merged
 from harness.training.tracking import Trackers, check_trackers
 
 
@@ -33,7 +35,7 @@ def finetune_config(opts: FinetuneOptions) -> TrainConfig:
         per_device_batch=int(opts.per_device_batch), warmup_epochs=float(opts.warmup_epochs),
         weight_decay=float(opts.weight_decay), schedule="linear", optimizer=opts.optimizer, seed=int(opts.seed),
         gradient_checkpointing=opts.gradient_checkpointing, max_length=int(opts.max_length),
-        accelerate=opts.accelerate or "single",
+        accelerate=opts.accelerate or "single", peft=peft_of(opts),
     )
     cfg.validate()
     return cfg
@@ -95,21 +97,26 @@ def main(opts: FinetuneOptions) -> int:
         raise HarnessError(f"{task.file}: finetune data {spec.label()} has no field '{q if q not in rows[0] else a}' "
                            f"(fields: {', '.join(rows[0])}); fix prompt.question/prompt.answer")
     items = [encode_qa(tok, template, r[q], r[a], max_length=cfg.max_length) for r in rows]
-    model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
+    model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code,
+                       load_in_4bit=opts.load_in_4bit)
     out.mkdir(parents=True, exist_ok=True)
     with replacing(out, opts.overwrite, done=finished):
+        # --peft: the adapter in --output; with --merge the merged plain checkpoint there, the adapter in adapter/
+        save_dir = out / "adapter" if cfg.peft is not None and opts.merge else out
         tracker = None  # made inside: --overwrite first moves the old files (old logs too) aside
         if names and distributed.is_main_process():
             tracker = Trackers(names, run_name=out.name, log_dir=out, project=opts.tracker_project,
                                config={"model": opts.model, "split": split, "data": spec.label(),
                                        "training": config_dict(cfg)})
         try:
-            result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out,
+            result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=save_dir,
                               tracker=tracker)
         finally:
             if tracker is not None:
                 tracker.finish()
         if distributed.is_main_process():
+            if cfg.peft is not None and opts.merge:
+                save_merged(result.model, tok, out)
             # written last: marks the checkpoint finished (and lets --overwrite drop the old one)
             write_yaml(out / FINISHED, {"model": opts.model, "split": split, "data": spec.label(),
                                         "rows": len(items), "template": template.to_dict(), "dtype": choice.dtype,
@@ -122,7 +129,7 @@ FINISHED = "finetune.yaml"
 
 
 def is_checkpoint(d: Path) -> bool:
-    return (d / "config.json").is_file()
+    return (d / "config.json").is_file() or (d / ADAPTER_CONFIG).is_file()
 
 
 def finished(d: Path) -> bool:

@@ -61,8 +61,16 @@ TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "lr", "train_
                "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
 
 
+def peft_of(opts) -> dict | None:
+    """The adapter settings of ``--peft`` and the ``--lora-*`` flags (run and finetune), or None."""
+    from harness.training.adapters import peft_settings
+
+    return peft_settings(opts.peft, r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
+                         target_modules=opts.lora_target_modules, load_in_4bit=opts.load_in_4bit)
+
+
 def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int, method: str | None = None,
-                    point: dict | None = None) -> dict:
+                    point: dict | None = None, peft: dict | None = None) -> dict:
     """Task defaults, then the task's defaults for this method (``methods.<name>.training``, e.g. UNDIAL's
     learning rate), then the profile's (e.g. the tiny model's learning rate), then the flags and the sweep
     point's training values (``point``: lr, epochs, ...)."""
@@ -81,6 +89,8 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
     cfg["seed"] = seed
     cfg["accelerate"] = opts.accelerate or "single"
     cfg["attention_mask"] = opts.attention_mask
+    if peft is not None:  # only when set: runs without an adapter keep their identity
+        cfg["peft"] = peft
     if isinstance(cfg.get("epochs"), float) and cfg["epochs"].is_integer():
         cfg["epochs"] = int(cfg["epochs"])
     for key, value in cfg.items():
@@ -111,6 +121,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
     from harness.data.corpus import is_tiny_model, resolve_task_data
     from harness.results.identity import check_inputs, identity_config
 
+    peft = peft_of(opts)
     cells = []
     seen: dict[Path, dict] = {}
     from harness.commands.eval import with_lm_eval_options
@@ -130,7 +141,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
             except HarnessError as exc:
                 raise HarnessError(f"{mname} at sweep point {_point_text(point)}: {exc}") if point else exc from None
             for seed in seeds:
-                train = training_config(task, choice, opts, seed, mname, sweep.training_part(point))
+                train = training_config(task, choice, opts, seed, mname, sweep.training_part(point), peft)
                 config = {"task": task.to_config(), "model": choice.to_config(),
                           "method": {"name": mname, "params": dataclasses.asdict(method)},
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
@@ -224,9 +235,12 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     tok = load_tokenizer(choice.tokenizer_path(), trust_remote_code=opts.trust_remote_code)
     template = finalize_template(choice, tok)
     torch.manual_seed(cell.seed)
-    model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
-    check_checkpoint(model, tok, choice.start)
     cfg = training.TrainConfig(**cell.train)
+    # a start model given as an adapter is merged first: unlearning trains its own weights (or adapter)
+    model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code,
+                       adapter=choice.adapter, merge_adapter=True,
+                       load_in_4bit=bool(cfg.peft and cfg.peft.get("load_in_4bit")))
+    check_checkpoint(model, tok, choice.start)
     forget, forget_rows = training_items(task, tok, template, "forget", opts.data_dir, opts.limit, cfg.max_length)
     retain, _ = training_items(task, tok, template, "retain", opts.data_dir, opts.limit, cfg.max_length)
     for role, items in (("forget", forget), ("retain", retain)):
@@ -240,12 +254,15 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
              task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
     save = opts.save_model or bool(opts.push_to_hub)
+    save_dir = None
+    if save:  # with --merge: the merged plain checkpoint in model/, the adapter in model/adapter/
+        save_dir = cell.dir / "model" / "adapter" if opts.merge else cell.dir / "model"
     tracker = open_trackers(cell, opts, first_plan)
     try:
         result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
                                   retain, cfg, idk_items=idk, out_dir=cell.dir, template=template,
                                   forget_qa=_forget_qa(task, forget_rows), cache_reference=not opts.no_cache_reference,
-                                  save_dir=cell.dir / "model" if save else None, tracker=tracker)
+                                  save_dir=save_dir, tracker=tracker)
         write_config(cell.dir, cell.config, {"plan": result.info})
         if not is_main_process():
             return None
@@ -254,9 +271,17 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
                 "train_seconds": round(time.time() - t0, 1), "hparams": hparams(cell), "sweep": cell.point}
         if registry is None:
             registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+        if save_dir is not None and cfg.peft is not None:
+            save_template(save_dir, template)  # `harness eval --model <adapter dir>` prompts as this run did
         score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
                     identity=meta, registry=registry, print_table=False, trained=True,
                     model_path=str(cell.dir / "model") if save else None)
+        if opts.merge and cfg.peft is not None:
+            # after scoring: merging changes the model in place, and the scores are those of the adapter applied
+            from harness.training.adapters import save_merged
+
+            save_merged(result.model, tok, cell.dir / "model")
+            save_template(cell.dir / "model", template)
         scores = read_scores(cell.dir)
         if tracker is not None:
             tracker.log_scores(scores["metrics"])
@@ -318,6 +343,14 @@ def hparams(cell: Cell) -> dict:
         if v is None or isinstance(v, (bool, int, float, str)):
             out[f"{cell.method_name}.{k}"] = v
     return out
+
+
+def save_template(directory: Path, template) -> None:
+    """The prompt template beside a saved checkpoint or adapter (``harness_template.yaml``)."""
+    from harness.io import write_yaml
+    from harness.models.load import CHECKPOINT_TEMPLATE
+
+    write_yaml(Path(directory) / CHECKPOINT_TEMPLATE, {k: v for k, v in template.to_dict().items() if v is not None})
 
 
 def _forget_qa(task: Task, rows: list[dict]) -> list[tuple[str, str]] | None:

@@ -59,24 +59,59 @@ def load_tokenizer(name_or_dir: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name_or_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False, device=None):
+def load_model(name_or_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False, device=None,
+               adapter: str | None = None, merge_adapter: bool = False, load_in_4bit: bool = False):
+    """A causal LM from a hub id or directory, in eval mode.
+
+    ``adapter``: a peft adapter directory applied on top (scored as a ``PeftModel``; ``merge_adapter``
+    merges it into the weights, e.g. to train from it). ``load_in_4bit``: QLoRA's nf4 base (CUDA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise HarnessError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
     name = _checked(name_or_dir)
+    kwargs = {}
+    if load_in_4bit:
+        kwargs = _four_bit(dtype)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             name, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]),
-            trust_remote_code=trust_remote_code, output_loading_info=True)
+            trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise _explain(name, exc) from None
     check_weights(model, info, name)
-    if device is not None:
+    if device is not None and not load_in_4bit:
         model.to(device)
+    if adapter is not None:
+        model = _with_adapter(model, adapter, merge_adapter)
     model.eval()
     return model
+
+
+def _four_bit(dtype: str) -> dict:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise HarnessError("--load-in-4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers train only there")
+    compute = torch.float16 if DTYPES.get(dtype) == "float16" else torch.bfloat16
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            "device_map": {"": torch.cuda.current_device()}}
+
+
+def _with_adapter(model, adapter: str, merge: bool):
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise HarnessError(f"{adapter} is a peft adapter: loading it needs the 'peft' package (pip install peft)") from None
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except Exception as exc:
+        raise HarnessError(f"cannot apply the adapter {adapter} to its base model: {type(exc).__name__}: "
+                           f"{(str(exc).strip().splitlines() or [''])[0]}") from None
+    return model.merge_and_unload() if merge else model
 
 
 def check_weights(model, info: dict, name: str) -> None:

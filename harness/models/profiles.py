@@ -5,6 +5,7 @@ through here; it is also the only place that turns ``tiny:<kind>`` names into (b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from harness.io import read_yaml
 from harness.models.load import CHECKPOINT_TEMPLATE, load_tokenizer
 from harness.paths import bundled_dir
 from harness.tasks import Task, suggest
+from harness.training.adapters import adapter_base
 
 log = logging.getLogger("harness")
 
@@ -80,6 +82,7 @@ class ModelChoice:
     data: dict = field(default_factory=dict)  # unlearning data the profile substitutes (role -> DataSpec)
     note: str | None = None                   # why it does so, said once per run
     template_file: str | None = None          # --template, fingerprinted with the run
+    adapter: str | None = None                # a peft adapter directory applied on top of ``start``
 
     def fingerprints(self, benchmark: str) -> dict:
         """Content fingerprints of the local inputs this choice names (part of every run identity):
@@ -89,13 +92,17 @@ class ModelChoice:
               "reference": input_fingerprint(self.reference, benchmark=benchmark) if self.reference else None}
         if self.template_file:
             fp["template_file"] = input_fingerprint(self.template_file)
+        if self.adapter:
+            fp["adapter"] = input_fingerprint(self.adapter)
         return fp
 
     def to_config(self) -> dict:
         return {"label": self.label, "start": self.start, "tokenizer": self.tokenizer, "dtype": self.dtype,
                 "template": self.template.to_dict() if self.template else None,
                 "reference": self.reference, "profile": self.profile,
-                "data": {k: vars(v) for k, v in self.data.items()}}
+                "data": {k: vars(v) for k, v in self.data.items()},
+                # only when set, so the identity of every run without an adapter stays as it was
+                **({"adapter": self.adapter} if self.adapter else {})}
 
     def start_path(self) -> str:
         """The start checkpoint as a loadable path or hub id (a tiny model is built here if missing)."""
@@ -112,8 +119,6 @@ class ModelChoice:
         """The task as this model trains on it: the profile's data substitutions applied."""
         if not self.data:
             return task
-        import dataclasses
-
         return dataclasses.replace(task, data={**task.data, **self.data})
 
 
@@ -190,6 +195,8 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().exists():
         raise HarnessError(f"--model {model}: no such directory")
+    if looks_local and adapter_base(Path(model).expanduser()):
+        return _adapter_choice(Path(model).expanduser(), task, template, template_file, reference)
     if not looks_local and model.count("/") != 1:
         raise HarnessError(f"unknown model '{model}'{suggest(model, profiles)}: not a profile "
                            f"({', '.join(profiles)}), a directory, or a hub id of the form org/name")
@@ -210,6 +217,21 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                        tokenizer=str(Path(model).expanduser()) if looks_local else model,
                        template=template, dtype="bfloat16" if not looks_local else "auto",
                        reference=ref, family=family, template_file=template_file)
+
+
+def _adapter_choice(directory: Path, task: Task, template, template_file, reference) -> ModelChoice:
+    """A peft adapter directory: its base model (``base_model_name_or_path``) resolved as ``--model`` would
+    resolve it, with the adapter applied on top and the adapter's own tokenizer and template if it has them."""
+    base = adapter_base(directory)
+    if Path(base).expanduser().is_dir() and adapter_base(Path(base).expanduser()):
+        raise HarnessError(f"{directory}: its base model {base} is itself an adapter; merge that one first")
+    choice = resolve_model(base, task, template_file=template_file, reference=reference)
+    if template is None:
+        template = checkpoint_template(directory)
+    has_tok = (directory / "tokenizer_config.json").is_file()
+    return dataclasses.replace(choice, label=_label_for(str(directory)), adapter=str(directory),
+                               tokenizer=str(directory) if has_tok else choice.tokenizer,
+                               template=template or choice.template)
 
 
 def checkpoint_template(directory: Path) -> Template | None:

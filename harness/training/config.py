@@ -11,7 +11,7 @@ from harness.options import ATTENTION_MASKS
 
 SCHEDULES = ("linear", "constant")
 PADDING_SIDES = ("right", "left")
-OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch", "adamw_32bit")
+OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch", "adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TrainConfig:
     max_length: int = 512  # used by callers when encoding items; recorded with the config
     accelerate: str = "single"  # "single" | "ddp" | "zero3" | path to an accelerate config file
     attention_mask: str = "reference"  # collator mask: "reference" (ids != pad, the quirk) or "corrected"
+    peft: dict | None = None  # adapter settings (harness.training.adapters.peft_settings); None: full finetuning
     # HF max_steps: train exactly this many optimizer steps (epochs repeat as needed; ``epochs`` is ignored)
     max_steps: int | None = None
     padding_side: str = "right"  # training batches; WMDP's reference collator pads on the left

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from harness import HarnessError
+from harness.training import adapters
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODES = ("single", "ddp", "zero3")
@@ -188,7 +189,11 @@ def consolidate(accelerator, prepared_model):
     # The engine's parameter dtype (bf16 when DeepSpeed trains in bf16) is what a ZeRO-3 save would write.
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
-        plain = type(model)(copy.deepcopy(model.config)).to(dtype)
+        if adapters.is_adapted(model):  # the same adapter shape on a plain base; names then match one to one
+            base = model.get_base_model()
+            plain = adapters.like(model, type(base)(copy.deepcopy(base.config)).to(dtype))
+        else:
+            plain = type(model)(copy.deepcopy(model.config)).to(dtype)
     plain.to_empty(device=accelerator.device)
     params = dict(plain.named_parameters())
     for name, p in model.named_parameters():

@@ -34,6 +34,7 @@ from harness import HarnessError
 from harness.losses import forward_logits, token_mean_nll
 from harness.methods import TrainingState, reference_of, trainable_patterns
 from harness.options import EVAL_BATCH_SIZE
+from harness.training import adapters
 from harness.training import distributed as dist_utils
 from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
 from harness.training.config import TrainConfig, plan
@@ -132,6 +133,8 @@ def _run(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "config"):
             model.config.use_cache = False
+    if cfg.peft is not None:
+        model = adapters.attach(model, cfg.peft, gradient_checkpointing=cfg.gradient_checkpointing)
     model.train()
     only = select_trainable(model, trainable) if trainable is not None else None
     optimizer, resolved_opt = build_optimizer(model, cfg, only)
@@ -140,10 +143,13 @@ def _run(
         total = list(model.named_parameters())
         info["trainable_params"] = {"patterns": list(trainable), "tensors": len(only), "of_tensors": len(total),
                                     "numel": sum(p.numel() for n, p in total if n in only)}
+    # counted before ZeRO-3 partitions the parameters (a shard's numel is 0)
+    info["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters()
+                                       if p.requires_grad and (only is None or n in only))
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg, steps["total_steps"], steps["warmup_steps"])
     if after_prepare is not None:
-        after_prepare(acc, pad_id)  # e.g. shard the reference model like the policy, precompute log-probs
+        after_prepare(acc, pad_id, model)  # e.g. shard the reference model like the policy, precompute log-probs
 
     log = _StepLog(out_dir, acc.is_main_process, tracker)
     gen = pairing_generator(cfg.seed, rank)
@@ -230,7 +236,8 @@ def _check_finite(acc, loss: torch.Tensor, desc: str, step: int, epoch: int, out
 
 
 def save_model(model, tokenizer, out: Path, *, is_main: bool = True) -> None:
-    """Save a normal Hugging Face checkpoint (safetensors + config + tokenizer) to ``out``."""
+    """Save a normal Hugging Face checkpoint (safetensors + config + tokenizer) to ``out``; for an adapted
+    model the adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``) and the tokenizer."""
     if not is_main:
         return
     out = Path(out)
@@ -318,7 +325,8 @@ def unlearn(
     - ``idk_items`` (methods with ``uses_idk``): ``idk_items[i]`` is the list of encoded alternatives for
       forget example ``i`` (the forget question with each idk answer, encoded by the caller with the
       model's template); one is drawn uniformly per access from the per-rank generator.
-    - ``ref_model``: the frozen reference; default a copy of ``model`` as it is at the start. What is
+    - ``ref_model``: the frozen reference; default a copy of ``model`` as it is at the start, or with
+      ``cfg.peft`` the trained model itself with its adapter disabled (no copy). What is
       kept follows ``reference_of(method)`` only: ``"none"`` makes no copy and ``ref`` is ``None``;
       ``"logprobs"`` precomputes the forget set's log-probs and releases the copy before training (kept
       for idk methods, whose drawn idk pairs are memoised as they come); ``"model"`` keeps it live.
@@ -363,7 +371,8 @@ def unlearn(
     needs_ref = kind != "none"
     ref_holder: dict[str, StartModel] = {}
     start_ref = ref_model
-    if needs_ref and start_ref is None:
+    through_adapter = needs_ref and start_ref is None and cfg.peft is not None
+    if needs_ref and start_ref is None and not through_adapter:
         # Copied before the policy is prepared: ZeRO-3 partitions the policy's parameters in place.
         start_ref = copy.deepcopy(model)
 
@@ -385,22 +394,25 @@ def unlearn(
             return out[0], dict(out[1])
         return out, {}
 
-    def after_prepare(acc, pad):
+    def after_prepare(acc, pad, policy):
         nonlocal start_ref
         if not needs_ref:
             return
-        ref_net = dist_utils.prepare_reference(acc, start_ref)
+        if through_adapter:  # the policy's own base weights, frozen by peft and sharded with it
+            ref_net = acc.unwrap_model(policy)
+        else:
+            ref_net = dist_utils.prepare_reference(acc, start_ref)
         start_ref = None  # StartModel holds the only reference, so releasing it frees the copy
         ref = StartModel(ref_net, cache=cache_reference, keep_model=kind == "model" or uses_idk,
-                         allow_logits=kind == "model", accelerator=acc)
+                         allow_logits=kind == "model", accelerator=acc, disable_adapter=through_adapter)
         for name, items in {"forget": forget, **extra}.items():
             ref.precompute(items, name, pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
         if cache_reference:
             ref.release_model()
         ref_holder["ref"] = ref
 
-    def after_prepare_all(acc, pad):
-        after_prepare(acc, pad)
+    def after_prepare_all(acc, pad, policy):
+        after_prepare(acc, pad, policy)
         run_state.world_size = acc.num_processes
         if hasattr(method, "setup"):  # an object with only loss() (older plugins) has no state
             method.setup(run_state)
@@ -415,6 +427,8 @@ def unlearn(
     if run_state.records:
         result.info["method_records"] = dict(run_state.records)
     result.info["reference"] = kind
+    if needs_ref:
+        result.info["reference_source"] = "disabled adapter" if through_adapter else "frozen copy"
     if "ref" in ref_holder:
         result.info["reference_forwards"] = ref_holder["ref"].forwards
         result.info["reference_released"] = ref_holder["ref"].model is None

@@ -7,6 +7,7 @@ import re
 import torch
 
 from harness import HarnessError
+from harness.training import adapters
 from harness.training.config import TrainConfig
 
 
@@ -24,19 +25,28 @@ def _decay_parameter_names(model) -> set[str]:
 def select_trainable(model, patterns: list[str], *, what: str = "trainable_params") -> set[str]:
     """Names of the parameters that full-match any of ``patterns``; a pattern matching none is an error
     naming it and a few parameter names."""
-    names = [n for n, _ in model.named_parameters()]
+    adapted = adapters.is_adapted(model)
+    # with an adapter, a pattern names base weights and selects the adapter weights on them (RMU + LoRA)
+    names = [n for n, p in model.named_parameters() if p.requires_grad or not adapted]
+    as_base = {n: adapters.base_name(n) if adapted else n for n in names}
     selected: set[str] = set()
     for pat in patterns:
         try:
-            hits = {n for n in names if re.fullmatch(pat, n)}
+            hits = {n for n in names if re.fullmatch(pat, as_base[n])}
         except re.error as exc:
             raise HarnessError(f"{what} regex {pat!r} is not a valid regular expression: {exc}") from None
         if not hits:
-            shown = ", ".join(names[:3] + (["..."] if len(names) > 4 else []) + names[-1:])
+            base = list(dict.fromkeys(as_base.values()))
+            shown = ", ".join(base[:3] + (["..."] if len(base) > 4 else []) + base[-1:])
             raise HarnessError(f"{what} regex {pat!r} full-matches no parameter of the model; its parameters "
                                f"are named like: {shown}")
         selected |= hits
     return selected
+
+
+# --optimizer name -> bitsandbytes class (CUDA)
+BNB = {"paged_adamw_32bit": "PagedAdamW32bit", "adamw_32bit": "AdamW32bit", "adamw_8bit": "AdamW8bit",
+       "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
 def build_optimizer(model, cfg: TrainConfig, only: set[str] | None = None) -> tuple[torch.optim.Optimizer, str]:
@@ -45,9 +55,10 @@ def build_optimizer(model, cfg: TrainConfig, only: set[str] | None = None) -> tu
     ``only``: parameter names (``select_trainable``) that alone go to the optimizer; the others keep
     ``requires_grad`` (gradients are computed everywhere, as the reference's RMU does) but are never updated.
 
-    ``paged_adamw_32bit`` is bitsandbytes' paged AdamW on CUDA. On CPU paging does not exist and
-    bitsandbytes' 32-bit AdamW equals torch's AdamW to 4e-8, so torch's (faster on CPU) is used and the
-    resolved name says so.
+    ``paged_adamw_32bit`` is bitsandbytes' paged AdamW on CUDA; ``adamw_8bit`` / ``paged_adamw_8bit`` its
+    8-bit-state AdamW (2 bytes of optimizer state per parameter instead of 8). On CPU paging does not exist
+    and bitsandbytes' 32-bit AdamW equals torch's AdamW to 4e-8, so torch's (faster on CPU) is used for
+    every bitsandbytes name and the resolved name says so (recorded in config.yaml).
     """
     decay = _decay_parameter_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or n in only)]
@@ -58,11 +69,10 @@ def build_optimizer(model, cfg: TrainConfig, only: set[str] | None = None) -> tu
     groups = [g for g in groups if g["params"]]
     on_cuda = any(p.is_cuda for _, p in named) or torch.cuda.is_available()
     kwargs = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
-    if cfg.optimizer in ("paged_adamw_32bit", "adamw_32bit") and on_cuda:
+    if cfg.optimizer in BNB and on_cuda:
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW32bit if cfg.optimizer == "paged_adamw_32bit" else bnb.optim.AdamW32bit
-        return cls(groups, **kwargs), cfg.optimizer
+        return getattr(bnb.optim, BNB[cfg.optimizer])(groups, **kwargs), cfg.optimizer
     resolved = "adamw_torch" if cfg.optimizer == "adamw_torch" else f"adamw_torch (for {cfg.optimizer} on CPU)"
     return torch.optim.AdamW(groups, **kwargs), resolved
 

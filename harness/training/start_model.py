@@ -3,6 +3,7 @@ retain activations), with memoised sequence log-probs; sharded like the policy u
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from harness import HarnessError
 from harness.activations import capture
 from harness.losses import forward_logits, sequence_logprob
+from harness.training import adapters
 from harness.training import distributed as dist_utils
 from harness.training.batching import _to, collate
 
@@ -26,13 +28,17 @@ class StartModel:
     - ``activation(part, regex)``: the output of the frozen model's module whose name full-matches ``regex``
       (``harness.activations.capture``), no grad (RMU's retain targets); same condition as ``logits``.
     ``forwards`` counts the reference forward passes run; ``model`` is ``None`` once released.
+    With ``disable_adapter`` the model is the policy being trained (a ``peft`` model) and every reference
+    forward runs it with the adapter switched off, in eval mode: the start model without a second copy
+    of the weights. A reference primitive added here runs its forward inside ``with self.frozen() as m``.
     Under ZeRO-3 the model is sharded like the policy, so every rank runs each forward together: a cache
     miss on any rank makes all ranks run that batch.
     """
 
     def __init__(self, model, *, cache: bool = True, keep_model: bool = True, allow_logits: bool = True,
-                 accelerator=None):
+                 accelerator=None, disable_adapter: bool = False):
         self.model = model
+        self.disable_adapter = disable_adapter
         self.cache = cache
         self.keep_model = keep_model
         self.allow_logits = allow_logits
@@ -46,6 +52,15 @@ class StartModel:
 
     def _sharded(self) -> bool:
         return self._acc is not None and dist_utils.zero_stage(self._acc) == 3 and self._acc.num_processes > 1
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The frozen start model to run a forward on (the policy with its adapter disabled, if so built)."""
+        if self.disable_adapter:
+            with adapters.disabled(self.model) as m:
+                yield m
+        else:
+            yield self.model
 
     @staticmethod
     def _keys(part: dict, name: str) -> list[tuple]:
@@ -62,7 +77,8 @@ class StartModel:
                 "reference model was released after precomputing log-probs, but a new sequence was asked for"
             )
         self.forwards += 1
-        return sequence_logprob(forward_logits(self.model, part), part["labels"])
+        with self.frozen() as m:
+            return sequence_logprob(forward_logits(m, part), part["labels"])
 
     @torch.no_grad()
     def sequence_logprob(self, part: dict, name: str = "forget") -> torch.Tensor:
@@ -93,14 +109,16 @@ class StartModel:
     @torch.no_grad()
     def logits(self, part: dict) -> torch.Tensor:
         """fp32 logits of the frozen start model on ``part`` (no grad)."""
-        return forward_logits(self._live("logits"), part)
+        self._live("logits")
+        with self.frozen() as m:
+            return forward_logits(m, part)
 
     @torch.no_grad()
     def activation(self, part: dict, regex: str) -> torch.Tensor:
         """The output of the frozen model's module matching ``regex`` on ``part`` (no grad, its own dtype)."""
-        model = self._live("activations")
-        with capture(model, regex) as cap:
-            forward_logits(model, part)
+        self._live("activations")
+        with self.frozen() as m, capture(m, regex) as cap:
+            forward_logits(m, part)
         return cap.output
 
     @torch.no_grad()
@@ -115,6 +133,7 @@ class StartModel:
                 self._memo[k] = v
 
     def release_model(self) -> None:
-        """Drop the frozen model when only memoised log-probs will be needed (saves one model of memory)."""
+        """Drop the frozen model when only memoised log-probs will be needed (saves one model of memory;
+        through a disabled adapter it only drops the handle, the weights are the policy's)."""
         if not self.keep_model and self.cache:
             self.model = None
