@@ -40,6 +40,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-mask", choices=list(ATTENTION_MASKS),
                    help="reference: attention_mask = ids != pad as the published numbers (pad = eos hides eos tokens); corrected: mask padding only")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
+    p.add_argument("--attacks", metavar="NAME[,NAME]",
+                   help="score the task's forget metrics again after each attack, e.g. quant4,relearn (harness ls attacks)")
 
 
 class _Deprecated(argparse.Action):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from harness import HarnessError
 
 EVAL_BATCH_SIZE = 32  # scoring batch (the reference evaluator's)
-LIST_KINDS = ("all", "tasks", "methods", "metrics", "models", "plugins")  # what `harness ls` lists
+LIST_KINDS = ("all", "tasks", "methods", "metrics", "attacks", "models", "plugins")  # what `harness ls` lists
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
 
 
@@ -63,13 +63,21 @@ class ModelOptions:
     max_length: int | None = None
     attention_mask: str = "reference"
     limit: int | None = None
+    attacks: str | None = None  # comma separated attack names (harness ls attacks)
 
     def validate(self) -> None:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
+        if self.attacks is not None:
+            items("--attacks", self.attacks)
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
+
+
+def attack_names(opts: ModelOptions) -> list[str]:
+    """``--attacks`` as a list (empty when not given)."""
+    return items("--attacks", opts.attacks) if opts.attacks else []
 
 
 @dataclass

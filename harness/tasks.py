@@ -24,7 +24,7 @@ from harness.io import read_yaml
 from harness.paths import safe_name
 
 TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
-             "prompt", "data", "training", "metrics", "report", "finetune")
+             "prompt", "data", "training", "metrics", "report", "finetune", "attack")
 DATA_KEYS = ("path", "name", "split", "format")
 TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
 ROLE_KEYS = (*DATA_KEYS, "tiny_fallback")
@@ -38,6 +38,8 @@ IDK_KEYS = ("role", "field")
 REPORT_KEYS = ("title", "split", "split_order", "order", "columns", "published", "published_models", "plot")
 PLOT_KEYS = ("x", "y", "log_x", "log_y", "y_max")
 FINETUNE_KEYS = ("data", "splits")
+ATTACK_KEYS = ("metrics", "utility", "relearn")
+RELEARN_KEYS = ("train", "heldout")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,37 @@ class FinetuneRecipe:
         return DataSpec(self.path, name, self.split)
 
 
+@dataclass(frozen=True)
+class AttackSpec:
+    """``attack:``: which of the task's metrics ``--attacks`` scores again (forget side, then the utility
+    summary), and the roles of the relearning attack: it trains on rows of ``train`` and scores ``heldout``
+    roles (the same questions, same order) on the other rows."""
+
+    metrics: tuple[str, ...] = ()
+    utility: tuple[str, ...] = ()
+    train: str = "forget"
+    heldout: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"metrics": list(self.metrics), "utility": list(self.utility),
+                "relearn": {"train": self.train, "heldout": list(self.heldout)}}
+
+
+def _attack(path: Path, raw, data: dict) -> AttackSpec | None:
+    if raw is None:
+        return None
+    _check_keys(f"{path}: attack", raw, ATTACK_KEYS)
+    rel = raw.get("relearn") or {}
+    _check_keys(f"{path}: attack.relearn", rel, RELEARN_KEYS)
+    spec = AttackSpec(_str_list(f"{path}: attack.metrics", raw.get("metrics") or []),
+                      _str_list(f"{path}: attack.utility", raw.get("utility") or []),
+                      str(rel.get("train", "forget")), _str_list(f"{path}: attack.relearn.heldout", rel.get("heldout") or []))
+    for role in (spec.train, *spec.heldout):
+        if role not in data:
+            raise HarnessError(f"{path}: attack.relearn: no data role '{role}'{suggest(role, data)}")
+    return spec
+
+
 @dataclass
 class Task:
     name: str
@@ -157,6 +190,7 @@ class Task:
     fallbacks: dict[str, DataSpec] = field(default_factory=dict)
     report: ReportLayout | None = None
     finetune: FinetuneRecipe | None = None
+    attack: AttackSpec | None = None  # what --attacks scores again; in the run hash only with --attacks
 
     def __post_init__(self):
         if not self.benchmark:
@@ -292,7 +326,7 @@ def parse_task(path: Path) -> Task:
                 prompt=_prompt(path, doc.get("prompt")), data=data,
                 training=training, metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks,
-                report=report, finetune=finetune)
+                report=report, finetune=finetune, attack=_attack(path, doc.get("attack"), data))
 
 
 # ------------------------------------------------------------------------------ field types

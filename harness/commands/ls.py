@@ -54,6 +54,10 @@ def render(what: str, pattern: str, reg) -> str:
         rows = [(n, mt.better, "yes" if mt.needs_reference else "no", mt.version, mt.description)
                 for n, mt in sorted(reg.metrics.items()) if m(n)]
         out.append(_rows("metrics", rows, ("name", "better", "reference", "version", "description")))
+    if what in ("all", "attacks"):
+        rows = [(n, cls.version, reg.sources[("attacks", n)], ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls)),
+                 cls.description) for n, cls in sorted(reg.attacks.items()) if m(n)]
+        out.append(_rows("attacks", rows, ("name", "version", "from", "settings", "description")))
     if what in ("all", "models"):
         rows = [(p.name, p.dtype, p.tokenizer or "(own)", ",".join(sorted(p.tasks)), p.description)
                 for p in get_profiles().values() if m(p.name)]

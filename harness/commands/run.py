@@ -107,9 +107,12 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
         raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
+    from harness.commands.eval import attack_config
     from harness.data.corpus import is_tiny_model, resolve_task_data
     from harness.results.identity import check_inputs, identity_config
+    from harness.scoring.attacked import check_attack_metrics
 
+    attacks = attack_config(opts, reg)
     cells = []
     for tname in tasks:
         task = reg.tasks[tname]
@@ -119,6 +122,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         task, sources = resolve_task_data(choice.apply(task), opts.data_dir, tiny=is_tiny_model(choice.start))
         check_inputs(task, choice, opts.data_dir, reg)
         fingerprints = identity_config(task, choice, reg, opts.data_dir)
+        if attacks:
+            check_attack_metrics(task, reg)
         for mname in methods:
             cls = reg.methods[mname]
             plugin = reg.sources.get(("methods", mname), "?")
@@ -137,6 +142,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                                    "max_length": opts.max_length},
                           "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
                           "data_sources": sources, "fingerprints": fingerprints}
+                if attacks:  # only then: runs without attacks keep their hashes
+                    config["attacks"] = {"attacks": attacks, "task": task.attack.to_dict()}
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
                 cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
     return cells
@@ -250,6 +257,19 @@ def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     return to_console(sheet)
 
 
+def attack_table(rows: list[tuple[str, str, int, dict]]) -> str | None:
+    """Per run and attack: each re-scored metric before (same rows) and after the attack."""
+    sheet = Sheet(["task", "method", "seed", "attack", "metric", "before", "after"])
+    for task, method, seed, sc in rows:
+        m = sc.get("metrics", {})
+        for attack, rec in (sc.get("attacks") or {}).items():
+            for name in rec.get("metrics", []):
+                before = m.get(f"attack/{attack}/before/{name}", {}).get("value")
+                after = m.get(f"attack/{attack}/{name}", {}).get("value")
+                sheet.rows.append([task, method, str(seed), attack, name, console_value(before), console_value(after)])
+    return to_console(sheet) if sheet.rows else None
+
+
 def check_grid_data(cells: list[Cell], opts: RunOptions) -> None:
     """Fail before any model work when a task's data is missing offline or cannot train."""
     from harness.data import corpus
@@ -303,6 +323,10 @@ def main(opts: RunOptions) -> int:
     if rows and is_main_process():
         print()
         print(summary_table(rows))
+        attacked = attack_table(rows)
+        if attacked:
+            print()
+            print(attacked)
     if opts.accelerate and opts.accelerate != "single":
         distributed.clean_exit(0)
     return 0

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import HarnessError, __version__
+from harness.attacks import AttackInput
 from harness.metrics import Score
 from harness.options import EVAL_BATCH_SIZE
+from harness.scoring.attacked import flat_scores, run_attacks
 from harness.scoring.context import EvalContext, missing_reference_error
 from harness.scoring.export import write_outputs
 from harness.scoring.reference import resolve_reference
@@ -19,7 +21,8 @@ from harness.scoring.reference import resolve_reference
 def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
     """Table rows: top-level metrics first (task order), then their dependencies."""
     order = [n for n in top if n in scores] + [n for n in scores if n not in top]
-    return [(n, scores[n].value, getattr(registry.metrics.get(n), "better", "")) for n in order]
+    # attack/<name>/[before/]<metric> reads in the direction of <metric>
+    return [(n, scores[n].value, getattr(registry.metrics.get(n.rsplit("/", 1)[-1]), "better", "")) for n in order]
 
 
 def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = EVAL_BATCH_SIZE,
@@ -27,7 +30,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
-                  max_length: int | None = None, identity: dict | None = None) -> dict[str, Score]:
+                  max_length: int | None = None, identity: dict | None = None, attacks=(),
+                  attack_seed: int = 0, training: dict | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
@@ -35,12 +39,19 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
     length-sorted batching (only for measuring what they save; the numbers stay the same).
+    ``attacks``: ``harness.attacks.Attack`` instances; each attacks a copy of ``model`` (seeded by
+    ``attack_seed``; ``training``: the run's training defaults) and the task's ``attack:`` metrics are scored
+    again, returned and written as ``attack/<name>/<metric>`` (docs/attacks.md).
     """
     t0 = time.perf_counter()
-    ctx = EvalContext(task, model, tokenizer, template, reference=reference, batch_size=batch_size,
-                      attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
-                      data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
-                      max_length=max_length, resolve_reference=resolve_reference)
+
+    def make_ctx(m, subset=None, label="target"):
+        return EvalContext(task, m, tokenizer, template, reference=reference, batch_size=batch_size,
+                           attention_mask=attention_mask, limit=limit, progress=progress, registry=registry,
+                           data_dir=data_dir, share=share, sort=sort, reference_options=reference_options,
+                           max_length=max_length, resolve_reference=resolve_reference, subset=subset, label=label)
+
+    ctx = make_ctx(model)
     wanted = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in (metrics or task.metrics)]
     reg = ctx.registry
     for name, _ in wanted:
@@ -59,14 +70,19 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     finally:
         model.train(was_training)
     top = [n for n, _ in wanted]
+    outcomes = []
+    if attacks:
+        inp = AttackInput(model, tokenizer, task, template, attack_seed, dict(training or {}), data_dir, limit,
+                          attention_mask, max_length)
+        outcomes = run_attacks(list(attacks), model, ctx.scores, make_ctx, inp)
     if out_dir is not None:
         settings = {"batch_size": batch_size, "attention_mask": attention_mask, "limit": limit,
                     "harness_version": __version__, "template": template_dict(template),
                     "reference": ctx._reference.describe() if ctx._reference is not None else None,
                     "seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
-                      partial=bool(limit), settings=settings, identity=identity)
-    return dict(ctx.scores)
+                      partial=bool(limit), settings=settings, identity=identity, attacks=outcomes)
+    return {**ctx.scores, **flat_scores(outcomes)}
 
 
 def template_dict(template) -> dict | None:

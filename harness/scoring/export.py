@@ -65,18 +65,26 @@ def sample_rows(scores: dict[str, Score]):
 
 
 def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: list[str], *,
-                  model_label: str, partial: bool, settings: dict, identity: dict | None = None) -> None:
-    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker)."""
+                  model_label: str, partial: bool, settings: dict, identity: dict | None = None,
+                  attacks=()) -> None:
+    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker).
+    ``attacks``: ``AttackOutcome``s; their scores go everywhere as ``attack/<name>/<metric>`` (after the
+    attack; ``attack/<name>/before/<metric>``: the un-attacked model on the same rows, scores.json only)."""
     out_dir = Path(out_dir)
     bench = safe_name(task.benchmark, f"task '{task.name}' benchmark")
-    write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows(scores)))
-    write_json(out_dir / f"{bench}_EVAL.json", eval_log(scores), indent=4, sort_keys=True)
-    write_json(out_dir / f"{bench}_SUMMARY.json", summary(scores, top), indent=4, sort_keys=True)
+    after = {f"attack/{o.name}/{n}": s for o in attacks for n, s in o.after.items()}
+    before = {f"attack/{o.name}/before/{n}": s for o in attacks for n, s in o.before.items()}
+    write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows({**scores, **after})))
+    write_json(out_dir / f"{bench}_EVAL.json", eval_log({**scores, **after}), indent=4, sort_keys=True)
+    write_json(out_dir / f"{bench}_SUMMARY.json", summary({**scores, **after}, [*top, *after]), indent=4,
+               sort_keys=True)
     metrics = {}
-    for n, s in scores.items():
-        m = registry.metrics.get(n)
+    for n, s in {**scores, **after, **before}.items():
+        m = registry.metrics.get(n.rsplit("/", 1)[-1])
         metrics[n] = {**_metric_value(s.value), "better": getattr(m, "better", None),
                       "version": getattr(m, "version", None), "top_level": n in top}
+    if attacks:
+        identity = {**(identity or {}), "attacks": {o.name: _plain(o.record()) for o in attacks}}
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
     layout = {"benchmark": task.benchmark}
     if task.report is not None:
