@@ -16,6 +16,7 @@ from pathlib import Path
 from harness import HarnessError
 from harness.io import write_json, write_text
 from harness.options import ReportOptions
+from harness.report.attacks import attack_rows, attacks_json, plot_attacks, render_attacks
 from harness.report.layout import Family, builtin_families
 from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, load_runs
 from harness.report.plot import plot
@@ -79,14 +80,18 @@ def main(opts: ReportOptions) -> int:
         names = None if source else [n for c in cells if c.family for n in c.family.layout.published]
         published = load_published(source, names)
     tables = build_tables(cells, published)
+    doc = None
     if fmt_name == "json":
-        text = json.dumps(to_json(tables, published), indent=2, ensure_ascii=False) + "\n"
+        doc = {**to_json(tables, published), "attacks": attacks_json(cells)}
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     else:
         text = {"md": render_markdown, "csv": render_csv, "html": render_html}[fmt_name](tables, published)
+        if fmt_name == "md" and render_attacks(cells):
+            text = text.rstrip("\n") + "\n\n" + render_attacks(cells)
     output = args.output
     if output:
         if fmt_name == "json":
-            write_json(Path(output), to_json(tables, published))
+            write_json(Path(output), doc)
         else:
             write_text(Path(output), text)
         print(f"report written to {output}")
@@ -96,6 +101,15 @@ def main(opts: ReportOptions) -> int:
         print(render_timing(tables))
     plot_path = args.plot
     if plot_path:
-        plot(tables, Path(plot_path), published)
-        print(f"plot written to {plot_path}")
+        attacked = attack_rows(cells)
+        try:
+            plot(tables, Path(plot_path), published)
+            print(f"plot written to {plot_path}")
+        except HarnessError:
+            if not attacked:
+                raise
+        if attacked:
+            p = Path(plot_path)
+            done = plot_attacks(cells, p.with_name(f"{p.stem}_attacks{p.suffix or '.png'}"))
+            print(f"attack plot (before vs after) written to {done}")
     return 0
