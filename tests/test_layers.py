@@ -12,9 +12,9 @@ from conftest import ROOT
 FLOORS = [
     ("ground", ["harness", "harness.io", "harness.paths", "harness.hub", "harness.options", "harness.fingerprint"]),
     ("registry", ["harness.plugins", "harness.tasks"]),
-    ("plugin API", ["harness.methods", "harness.losses", "harness.metrics", "methods"]),
+    ("plugin API", ["harness.methods", "harness.losses", "harness.metrics", "harness.attacks", "methods"]),
     ("data", ["harness.data"]),
-    ("training", ["harness.training"]),
+    ("training", ["harness.training", "harness.attacks.relearn"]),
     ("models", ["harness.models"]),
     ("scoring", ["harness.scoring"]),
     ("results", ["harness.results"]),
