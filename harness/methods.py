@@ -63,8 +63,70 @@ class Method:
         # Old plugins set this per instance in __post_init__; reference_of() maps it.
         self.__dict__["needs_reference"] = bool(value)
 
+    def setup(self, run: TrainingState) -> None:
+        """Called by core once before the first step of every training run (a fresh copy of the method per
+        run). Keep per-run state here (PDU's dual variable) and ``run`` itself, whose ``epoch``/``step``
+        core keeps current; draw random numbers only from ``run.generator``. Default: nothing."""
+
+    def log_state(self) -> dict[str, float]:
+        """State to log after each optimizer step (train_log.jsonl, next to the loss parts). Default: none."""
+        return {}
+
     def loss(self, model, batch, ref):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def method_generator(seed: int):
+    """The torch.Generator a method draws its random state from (RMU's control vector): seeded from the run
+    seed alone, so every rank draws the same numbers, and never the global RNG (which core seeds for model
+    initialisation and dropout). Distinct from the data-pairing and anchor-order streams."""
+    import torch
+
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + 104_729)
+
+
+@dataclass
+class TrainingState:
+    """What core hands ``Method.setup``: the run's seed, the method's own seeded generator, and where training
+    is (``epoch`` 0-based, ``step`` = optimizer steps done, both updated by core before each micro-batch).
+    ``record(key, value)`` keeps a value (e.g. a summary of drawn random state) in config.yaml's plan."""
+
+    seed: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    step: int = 0
+    generator: Any = None
+    records: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.generator is None:
+            self.generator = method_generator(self.seed)
+
+    def record(self, key: str, value: Any) -> None:
+        self.records[key] = value
+
+
+def trainable_patterns(method) -> list[str] | None:
+    """The ``trainable_params`` regexes of a method (a field holding a regex or a list of them), or ``None``
+    when it has none: then every parameter is trained."""
+    pats = getattr(method, "trainable_params", None)
+    if pats is None:
+        return None
+    return [pats] if isinstance(pats, str) else [str(p) for p in pats]
+
+
+def required_fields(cls) -> list[str]:
+    """Hyper-parameters without a usable default (``field(default=None, metadata={"required": True})``)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("required")]
+
+
+def check_required(method, where: str = "") -> None:
+    """A required hyper-parameter that nothing set is one error line naming it and how to set it."""
+    name = type(method).name
+    for key in required_fields(type(method)):
+        if getattr(method, key) is None:
+            raise HarnessError(f"{where}method '{name}' needs {key} (it has no default): set methods.{name}.{key} "
+                               f"in the task YAML or pass --set {name}.{key}=VALUE")
 
 
 def _declares(cls: type, attr: str) -> bool:
@@ -142,11 +204,22 @@ def build_method(cls: type[Method], overrides: dict[str, Any]) -> Method:
         if choices is not None:
             kwargs[key] = _coerce_choice(cls.name, key, raw, choices)
         else:
-            kwargs[key] = _coerce(cls.name, key, raw, fields[key].default)
+            kwargs[key] = _coerce(cls.name, key, raw, _prototype(cls, fields[key]))
     obj = cls(**kwargs)
     check_fields(obj)  # again: a subclass __post_init__ need not call the base's
     reference_of(obj)
     return obj
+
+
+def _prototype(cls: type, f: dataclasses.Field) -> Any:
+    """A value of the field's type to parse ``--set`` text against: its default, or for a required field
+    (default ``None``) a zero of its annotated type (``float | None`` -> 0.0)."""
+    if f.default is not None:
+        return f.default
+    for t in typing.get_args(_hints(cls).get(f.name)):
+        if t in (bool, int, float):
+            return t()
+    return None
 
 
 def _coerce_choice(method: str, key: str, raw: Any, choices: tuple) -> Any:

@@ -384,7 +384,7 @@ def guard_method(method, name: str, plugin: str):
     one error line naming the method and the plugin that registered it (a third-party bug must not read
     like a harness crash)."""
     guarded = copy.copy(method)
-    loss = method.loss
+    loss = guarded.loss  # bound to the copy, whose setup() keeps the run's state
 
     def checked_loss(*a, **kw):
         try:

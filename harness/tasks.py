@@ -24,7 +24,7 @@ from harness.io import read_yaml
 from harness.paths import safe_name
 
 TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
-             "prompt", "data", "training", "metrics", "report", "finetune", "attack")
+             "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
 DATA_KEYS = ("path", "name", "split", "format")
 TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
 ROLE_KEYS = (*DATA_KEYS, "tiny_fallback")
@@ -40,6 +40,8 @@ PLOT_KEYS = ("x", "y", "log_x", "log_y", "y_max")
 FINETUNE_KEYS = ("data", "splits")
 ATTACK_KEYS = ("metrics", "utility", "relearn")
 RELEARN_KEYS = ("train", "heldout")
+# methods.<name>.training may override these for that method (the data-build keys stay task-wide)
+METHOD_TRAINING_KEYS = tuple(k for k in TRAINING_KEYS if k not in DATA_BUILD_KEYS)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,9 @@ class Task:
     prompt: dict[str, str] = field(default_factory=dict)
     data: dict[str, DataSpec] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # method name -> {"params": hyper-parameters, "training": TrainConfig overrides}: this task's defaults
+    # for that method (the published per-benchmark values), applied over the method's class defaults
+    methods: dict[str, dict[str, dict]] = field(default_factory=dict)
     metrics: list[tuple[str, dict]] = field(default_factory=list)
     # export name (TOFU_EVAL.json, MUSE_EVAL.json); default: the first tag, else the task name, upper-cased
     benchmark: str = ""
@@ -205,8 +210,15 @@ class Task:
     def field_name(self, key: str) -> str:
         return self.prompt.get(key, key)
 
+    def method_defaults(self, method: str) -> tuple[dict, dict]:
+        """``(hyper-parameters, training overrides)`` this task sets for ``method`` (empty when none)."""
+        entry = self.methods.get(method) or {}
+        return dict(entry.get("params") or {}), dict(entry.get("training") or {})
+
     def to_config(self) -> dict:
-        """What the run hash sees. The report layout is left out (it changes no number); a tiny fallback
+        """What the run hash sees. The report layout is left out (it changes no number); nor are the
+        per-method defaults (``methods``): a run records the resolved hyper-parameters and training
+        settings they produce, so only the ones the run uses count. A tiny fallback
         that is used shows in the run's ``data_sources``. ``benchmark`` and ``training_data`` appear only
         where they differ from their defaults, so tasks that keep the defaults keep their hashes."""
         out = {"task": self.name, "version": self.version, "tag": self.tag, "model": self.model,
@@ -324,7 +336,8 @@ def parse_task(path: Path) -> Task:
                 model=_optional_str(path, "model", doc.get("model")),
                 reference=_optional_str(path, "reference", doc.get("reference")),
                 prompt=_prompt(path, doc.get("prompt")), data=data,
-                training=training, metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
+                training=training, methods=_methods(path, doc.get("methods")),
+                metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks,
                 report=report, finetune=finetune, attack=_attack(path, doc.get("attack"), data))
 
@@ -435,15 +448,43 @@ TRAINING_CHECKS = {
 }
 
 
-def _training(path: Path, raw) -> dict[str, Any]:
+def _training(path: Path, raw, *, where: str = "training", keys: tuple[str, ...] = TRAINING_KEYS) -> dict[str, Any]:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise HarnessError(f"{path}: field 'training' must be a mapping of hyper-parameters, got {_kind(raw)} {raw!r}")
+        raise HarnessError(f"{path}: field '{where}' must be a mapping of hyper-parameters, got {_kind(raw)} {raw!r}")
     for k, v in raw.items():
-        if k not in TRAINING_KEYS:
-            raise HarnessError(f"{path}: training: unknown key '{k}'{suggest(k, TRAINING_KEYS)}")
-        TRAINING_CHECKS.get(k, lambda *_: None)(path, k, v)
+        if k not in keys:
+            raise HarnessError(f"{path}: {where}: unknown key '{k}'{suggest(str(k), keys)}; valid: {', '.join(keys)}")
+        try:
+            TRAINING_CHECKS.get(k, lambda *_: None)(path, k, v)
+        except HarnessError as exc:  # the checks name "training.<key>"; say which block it was
+            raise HarnessError(str(exc).replace(f"training.{k}", f"{where}.{k}")) from None
     return dict(raw)
+
+
+def _methods(path: Path, raw) -> dict[str, dict[str, dict]]:
+    """``methods: {pdu: {retain_loss_eps: 0.3}, undial: {training: {lr: 1.0e-4, epochs: 10}}}``.
+
+    Hyper-parameter names are checked against the method when a run builds it (the task schema sits
+    below the method registry); here: the shape, and the training keys with the task's own checks."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: field 'methods' must map method names to their defaults, got {_kind(raw)} {raw!r}")
+    out = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not name:
+            raise HarnessError(f"{path}: methods: each key must be a method name, got {name!r}")
+        entry = {} if entry is None else entry
+        if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+            raise HarnessError(f"{path}: methods.{name} must map hyper-parameter names to values, got {entry!r}")
+        for k, v in entry.items():
+            if k != "training" and isinstance(v, float) and not math.isfinite(v):
+                raise HarnessError(f"{path}: methods.{name}.{k} must be a finite number, got {v}")
+        params = {k: v for k, v in entry.items() if k != "training"}
+        training = _training(path, entry.get("training"), where=f"methods.{name}.training", keys=METHOD_TRAINING_KEYS)
+        out[name] = {"params": params, "training": training}
+    return out
 
 
 def task_files(directory: Path) -> list[Path]:

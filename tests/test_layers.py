@@ -12,7 +12,8 @@ from conftest import ROOT
 FLOORS = [
     ("ground", ["harness", "harness.io", "harness.paths", "harness.hub", "harness.options", "harness.fingerprint"]),
     ("registry", ["harness.plugins", "harness.tasks"]),
-    ("plugin API", ["harness.methods", "harness.losses", "harness.metrics", "harness.attacks", "methods"]),
+    ("plugin API", ["harness.methods", "harness.losses", "harness.activations", "harness.metrics", "harness.attacks",
+                    "methods"]),
     ("data", ["harness.data"]),
     ("training", ["harness.training", "harness.attacks.relearn"]),
     ("models", ["harness.models"]),

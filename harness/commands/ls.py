@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 
 from harness import HarnessError
-from harness.methods import literal_choices, reference_of
+from harness.methods import build_method, literal_choices, reference_of
 from harness.models.profiles import get_profiles
 from harness.options import LIST_KINDS, ListOptions
 from harness.plugins import build_registry, get_registry
@@ -87,6 +87,14 @@ def main(opts: ListOptions) -> int:
         for metric, _ in t.metrics:
             if metric not in reg.metrics:
                 problems.append(f"{t.file}: metric '{metric}' is not registered{suggest(metric, reg.metrics)}")
+        for mname in t.methods:
+            if mname not in reg.methods:
+                problems.append(f"{t.file}: methods.{mname}: no such method{suggest(mname, reg.methods)}")
+                continue
+            try:
+                build_method(reg.methods[mname], t.method_defaults(mname)[0])
+            except HarnessError as exc:
+                problems.append(f"{t.file}: methods.{mname}: {exc}")
     for prof in get_profiles().values():
         for tname in prof.tasks:
             if tname not in reg.tasks:

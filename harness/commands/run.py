@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import HarnessError, __version__
-from harness.methods import build_method
+from harness.methods import build_method, check_required
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
 from harness.options import RunOptions
 from harness.plugins import get_registry, one_line
@@ -70,11 +70,13 @@ TRAIN_FLAGS = {"epochs": "epochs", "lr": "lr", "train_batch_size": "batch_size",
                "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
 
 
-def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int) -> dict:
-    """Task defaults, then the profile's (e.g. the tiny model's learning rate), then the flags."""
+def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int, method: str | None = None) -> dict:
+    """Task defaults, then the task's defaults for this method (``methods.<name>.training``, e.g. UNDIAL's
+    learning rate), then the profile's (e.g. the tiny model's learning rate), then the flags."""
     from harness.training import TrainConfig
 
-    cfg = {**task.training, **choice.training}
+    method_training = task.method_defaults(method)[1] if method else {}
+    cfg = {**task.training, **method_training, **choice.training}
     flags = {key: getattr(opts, flag) for flag, key in TRAIN_FLAGS.items() if getattr(opts, flag) is not None}
     cfg.update(flags)
     if opts.gradient_checkpointing:
@@ -125,16 +127,9 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         if attacks:
             check_attack_metrics(task, reg)
         for mname in methods:
-            cls = reg.methods[mname]
-            plugin = reg.sources.get(("methods", mname), "?")
-            try:
-                method = build_method(cls, sets.get(mname, {}))
-            except HarnessError:
-                raise
-            except Exception as exc:
-                raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
+            method, plugin = build_cell_method(task, mname, reg, sets.get(mname, {}), choice.methods.get(mname, {}))
             for seed in seeds:
-                train = training_config(task, choice, opts, seed)
+                train = training_config(task, choice, opts, seed, mname)
                 config = {"task": task.to_config(), "model": choice.to_config(),
                           "method": {"name": mname, "params": dataclasses.asdict(method)},
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
@@ -147,6 +142,27 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
                 cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin))
     return cells
+
+
+def build_cell_method(task: Task, mname: str, reg, sets: dict, profile: dict | None = None):
+    """The method of one task's cells: class defaults < the task's ``methods.<name>`` < the model profile's
+    ``methods.<name>`` (what its architecture needs) < ``--set``."""
+    cls = reg.methods[mname]
+    plugin = reg.sources.get(("methods", mname), "?")
+    task_params, _ = task.method_defaults(mname)
+    try:
+        if task_params:
+            try:
+                build_method(cls, task_params)  # a bad task default names the task file, not --set
+            except HarnessError as exc:
+                raise HarnessError(f"task '{task.name}' ({task.file}): methods.{mname}: {exc}") from None
+        method = build_method(cls, {**task_params, **(profile or {}), **sets})
+    except HarnessError:
+        raise
+    except Exception as exc:
+        raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
+    check_required(method, f"task '{task.name}' ({task.file}): ")
+    return method, plugin
 
 
 def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:

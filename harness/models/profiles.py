@@ -20,7 +20,7 @@ from harness.tasks import Task, suggest
 
 log = logging.getLogger("harness")
 
-PROFILE_KEYS = ("description", "tokenizer", "dtype", "template", "training", "tasks")
+PROFILE_KEYS = ("description", "tokenizer", "dtype", "template", "training", "methods", "tasks")
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Profile:
     dtype: str = "bfloat16"
     template: Template = field(default_factory=Template)
     training: dict = field(default_factory=dict)
+    # method -> hyper-parameters this architecture needs (RMU's layer on a 2-layer tiny model); over the task's
+    methods: dict[str, dict] = field(default_factory=dict)
     tasks: dict[str, dict] = field(default_factory=dict)
 
 
@@ -46,8 +48,17 @@ def get_profiles() -> dict[str, Profile]:
         out[name] = Profile(name=name, description=d.get("description", ""), tokenizer=d.get("tokenizer"),
                             dtype=d.get("dtype", "bfloat16"),
                             template=Template.from_dict(d.get("template"), source=f"registry.yaml models.{name}.template"),
-                            training=dict(d.get("training") or {}), tasks=dict(d.get("tasks") or {}))
+                            training=dict(d.get("training") or {}), methods=_methods(name, d.get("methods")),
+                            tasks=dict(d.get("tasks") or {}))
     return out
+
+
+def _methods(profile: str, raw) -> dict[str, dict]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise HarnessError(f"registry.yaml: models.{profile}.methods: expected method name -> {{hyper-parameter: value}}")
+    return {str(k): dict(v) for k, v in raw.items()}
 
 
 @dataclass
@@ -61,6 +72,7 @@ class ModelChoice:
     dtype: str
     reference: str | None       # *_EVAL.json / *_SUMMARY.json log, or a retain model id/dir
     training: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)  # method -> hyper-parameters from the profile
     profile: str | None = None
     # set when the reference was taken from the task's default profile for a checkpoint without one:
     # the tokenizer source of that reference family, compared with the checkpoint's (finalize_template)
@@ -167,12 +179,14 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                            template=template or prof.template, dtype=prof.dtype,
                            reference=format_reference(ref, task) if ref else None,
                            training={**prof.training, **(entry.get("training") or {})}, profile=model,
+                           methods=prof.methods,
                            data=_entry_data(model, task, entry), note=entry.get("note"), template_file=template_file)
     if model.startswith("tiny:"):
         return ModelChoice(label=model.replace(":", "_"), start=model, tokenizer=model,
                            template=template or get_profiles()["tiny"].template, dtype="float32",
                            reference=format_reference(reference, task) if reference else task.reference,
-                           training=dict(profiles["tiny"].training), template_file=template_file)
+                           training=dict(profiles["tiny"].training), methods=profiles["tiny"].methods,
+                           template_file=template_file)
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().exists():
         raise HarnessError(f"--model {model}: no such directory")

@@ -30,11 +30,11 @@ import torch
 
 from harness import HarnessError
 from harness.losses import forward_logits, token_mean_nll
-from harness.methods import reference_of
+from harness.methods import TrainingState, reference_of, trainable_patterns
 from harness.training import distributed as dist_utils
 from harness.training.batching import _pad_id, _to, collate, epoch_order, pairing_generator
 from harness.training.config import TrainConfig, plan
-from harness.training.optim import build_optimizer, build_scheduler
+from harness.training.optim import build_optimizer, build_scheduler, select_trainable
 from harness.training.start_model import StartModel
 
 
@@ -82,8 +82,13 @@ def _run(
     accelerator=None,
     after_prepare: Callable[[Any, int], None] | None = None,
     save_dir: Path | None = None,
+    trainable: list[str] | None = None,
+    state=None,
 ):
-    """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model)."""
+    """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model).
+
+    ``trainable``: regexes of the only parameters the optimizer updates (all get gradients). ``state``: the
+    method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -120,10 +125,15 @@ def _run(
         if hasattr(model, "config"):
             model.config.use_cache = False
     model.train()
-    optimizer, resolved_opt = build_optimizer(model, cfg)
+    only = select_trainable(model, trainable) if trainable is not None else None
+    optimizer, resolved_opt = build_optimizer(model, cfg, only)
+    info = {**steps, "optimizer": resolved_opt}
+    if only is not None:
+        total = list(model.named_parameters())
+        info["trainable_params"] = {"patterns": list(trainable), "tensors": len(only), "of_tensors": len(total),
+                                    "numel": sum(p.numel() for n, p in total if n in only)}
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg, steps["total_steps"], steps["warmup_steps"])
-    info = {**steps, "optimizer": resolved_opt}
     if after_prepare is not None:
         after_prepare(acc, pad_id)  # e.g. shard the reference model like the policy, precompute log-probs
 
@@ -141,6 +151,8 @@ def _run(
                 group = micro[start : start + ga]
                 sums: dict[str, float] = {}
                 for k, idx in enumerate(group):
+                    if state is not None:
+                        state[0].epoch, state[0].step = epoch, step
                     batch = {name: _to(part, acc.device) for name, part in make_batch(idx, gen).items()}
                     boundary = k == len(group) - 1
                     acc.sync_gradients = boundary
@@ -159,6 +171,8 @@ def _run(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 means = {k: v / len(group) for k, v in sums.items()}
+                if state is not None:  # the method's state after this step's micro-batches, not averaged
+                    means.update({k: _scalar(v) for k, v in state[1]().items()})
                 if world > 1:
                     keys = sorted(means)
                     t = torch.tensor([means[k] for k in keys], device=acc.device)
@@ -343,9 +357,21 @@ def unlearn(
             ref.release_model()
         ref_holder["ref"] = ref
 
+    def after_prepare_all(acc, pad):
+        after_prepare(acc, pad)
+        run_state.world_size = acc.num_processes
+        if hasattr(method, "setup"):  # an object with only loss() (older plugins) has no state
+            method.setup(run_state)
+
+    run_state = TrainingState(seed=cfg.seed)
+    log_state = getattr(method, "log_state", lambda: {})
     result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
                   out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
-                  after_prepare=after_prepare, save_dir=save_dir)
+                  after_prepare=after_prepare_all, save_dir=save_dir, trainable=trainable_patterns(method),
+                  state=(run_state, log_state))
+    result.info["method_seed"] = cfg.seed  # the method's generator is harness.methods.method_generator(seed)
+    if run_state.records:
+        result.info["method_records"] = dict(run_state.records)
     result.info["reference"] = kind
     if "ref" in ref_holder:
         result.info["reference_forwards"] = ref_holder["ref"].forwards

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+from harness import HarnessError
 from harness.training.config import TrainConfig
 
 
@@ -18,15 +21,36 @@ def _decay_parameter_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if n not in no_decay}
 
 
-def build_optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
+def select_trainable(model, patterns: list[str], *, what: str = "trainable_params") -> set[str]:
+    """Names of the parameters that full-match any of ``patterns``; a pattern matching none is an error
+    naming it and a few parameter names."""
+    names = [n for n, _ in model.named_parameters()]
+    selected: set[str] = set()
+    for pat in patterns:
+        try:
+            hits = {n for n in names if re.fullmatch(pat, n)}
+        except re.error as exc:
+            raise HarnessError(f"{what} regex {pat!r} is not a valid regular expression: {exc}") from None
+        if not hits:
+            shown = ", ".join(names[:3] + (["..."] if len(names) > 4 else []) + names[-1:])
+            raise HarnessError(f"{what} regex {pat!r} full-matches no parameter of the model; its parameters "
+                               f"are named like: {shown}")
+        selected |= hits
+    return selected
+
+
+def build_optimizer(model, cfg: TrainConfig, only: set[str] | None = None) -> tuple[torch.optim.Optimizer, str]:
     """AdamW over the trainable parameters with HF's weight-decay groups; returns (optimizer, resolved name).
+
+    ``only``: parameter names (``select_trainable``) that alone go to the optimizer; the others keep
+    ``requires_grad`` (gradients are computed everywhere, as the reference's RMU does) but are never updated.
 
     ``paged_adamw_32bit`` is bitsandbytes' paged AdamW on CUDA. On CPU paging does not exist and
     bitsandbytes' 32-bit AdamW equals torch's AdamW to 4e-8, so torch's (faster on CPU) is used and the
     resolved name says so.
     """
     decay = _decay_parameter_names(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or n in only)]
     groups = [
         {"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},

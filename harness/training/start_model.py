@@ -1,5 +1,5 @@
-"""The frozen start model a method compares against (NPO, IdkDPO, KL retain losses), with memoised
-sequence log-probs; sharded like the policy under ZeRO-3."""
+"""The frozen start model a method compares against (NPO, IdkDPO, KL retain losses, UNDIAL's teacher, RMU's
+retain activations), with memoised sequence log-probs; sharded like the policy under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from harness import HarnessError
+from harness.activations import capture
 from harness.losses import forward_logits, sequence_logprob
 from harness.training import distributed as dist_utils
 from harness.training.batching import _to, collate
@@ -20,8 +21,10 @@ class StartModel:
       batch part. Values are memoised by ``(name, index[, alt])``: the forget set is computed once before
       training (``precompute``) and reused every epoch; idk pairs are memoised as they are first drawn.
       With ``cache=False`` every call recomputes (the cached path equals it within 1e-6 relative).
-    - ``logits(part)``: fp32 logits of the live frozen model, no grad (KL retain losses); an error unless
-      ``allow_logits`` (core passes it for methods declaring ``reference = "model"``).
+    - ``logits(part)``: fp32 logits of the live frozen model, no grad (KL retain losses, UNDIAL's teacher);
+      an error unless ``allow_logits`` (core passes it for methods declaring ``reference = "model"``).
+    - ``activation(part, regex)``: the output of the frozen model's module whose name full-matches ``regex``
+      (``harness.activations.capture``), no grad (RMU's retain targets); same condition as ``logits``.
     ``forwards`` counts the reference forward passes run; ``model`` is ``None`` once released.
     Under ZeRO-3 the model is sharded like the policy, so every rank runs each forward together: a cache
     miss on any rank makes all ranks run that batch.
@@ -78,16 +81,27 @@ class StartModel:
                 self._memo.setdefault(k, v)
         return torch.tensor([self._memo[k] for k in keys], dtype=torch.float32, device=device)
 
+    def _live(self, what: str):
+        if not self.allow_logits:
+            raise HarnessError(f"this method asked for live reference {what} but declares reference='logprobs'; "
+                               "declare reference='model' (or return it from reference_needed())")
+        if self.model is None:
+            raise HarnessError(f"this method asked for live reference {what} but the reference model was released")
+        self.forwards += 1
+        return self.model
+
     @torch.no_grad()
     def logits(self, part: dict) -> torch.Tensor:
         """fp32 logits of the frozen start model on ``part`` (no grad)."""
-        if not self.allow_logits:
-            raise HarnessError("this method asked for live reference logits but declares reference='logprobs'; "
-                               "declare reference='model' (or return it from reference_needed())")
-        if self.model is None:
-            raise HarnessError("this method asked for live reference logits but the reference model was released")
-        self.forwards += 1
-        return forward_logits(self.model, part)
+        return forward_logits(self._live("logits"), part)
+
+    @torch.no_grad()
+    def activation(self, part: dict, regex: str) -> torch.Tensor:
+        """The output of the frozen model's module matching ``regex`` on ``part`` (no grad, its own dtype)."""
+        model = self._live("activations")
+        with capture(model, regex) as cap:
+            forward_logits(model, part)
+        return cap.output
 
     @torch.no_grad()
     def precompute(self, items: Sequence[dict], name: str, *, pad_id: int, batch_size: int, mask: str) -> None:
