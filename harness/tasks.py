@@ -22,6 +22,7 @@ from typing import Any
 from harness import HarnessError
 from harness.io import read_yaml
 from harness.paths import safe_name
+from harness.task_attack import AttackSpec, parse_attack
 
 TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
              "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
@@ -38,8 +39,6 @@ IDK_KEYS = ("role", "field")
 REPORT_KEYS = ("title", "split", "split_order", "order", "columns", "published", "published_models", "plot")
 PLOT_KEYS = ("x", "y", "log_x", "log_y", "y_max")
 FINETUNE_KEYS = ("data", "splits")
-ATTACK_KEYS = ("metrics", "utility", "relearn")
-RELEARN_KEYS = ("train", "heldout")
 # methods.<name>.training may override these for that method (the data-build keys stay task-wide)
 METHOD_TRAINING_KEYS = tuple(k for k in TRAINING_KEYS if k not in DATA_BUILD_KEYS)
 
@@ -138,37 +137,6 @@ class FinetuneRecipe:
 
     def spec(self, name: str) -> DataSpec:
         return DataSpec(self.path, name, self.split)
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """``attack:``: which of the task's metrics ``--attacks`` scores again (forget side, then the utility
-    summary), and the roles of the relearning attack: it trains on rows of ``train`` and scores ``heldout``
-    roles (the same questions, same order) on the other rows."""
-
-    metrics: tuple[str, ...] = ()
-    utility: tuple[str, ...] = ()
-    train: str = "forget"
-    heldout: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"metrics": list(self.metrics), "utility": list(self.utility),
-                "relearn": {"train": self.train, "heldout": list(self.heldout)}}
-
-
-def _attack(path: Path, raw, data: dict) -> AttackSpec | None:
-    if raw is None:
-        return None
-    _check_keys(f"{path}: attack", raw, ATTACK_KEYS)
-    rel = raw.get("relearn") or {}
-    _check_keys(f"{path}: attack.relearn", rel, RELEARN_KEYS)
-    spec = AttackSpec(_str_list(f"{path}: attack.metrics", raw.get("metrics") or []),
-                      _str_list(f"{path}: attack.utility", raw.get("utility") or []),
-                      str(rel.get("train", "forget")), _str_list(f"{path}: attack.relearn.heldout", rel.get("heldout") or []))
-    for role in (spec.train, *spec.heldout):
-        if role not in data:
-            raise HarnessError(f"{path}: attack.relearn: no data role '{role}'{suggest(role, data)}")
-    return spec
 
 
 @dataclass
@@ -339,7 +307,7 @@ def parse_task(path: Path) -> Task:
                 training=training, methods=_methods(path, doc.get("methods")),
                 metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks,
-                report=report, finetune=finetune, attack=_attack(path, doc.get("attack"), data))
+                report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data))
 
 
 # ------------------------------------------------------------------------------ field types
