@@ -87,6 +87,9 @@ def main(opts: ListOptions) -> int:
         for metric, _ in t.metrics:
             if metric not in reg.metrics:
                 problems.append(f"{t.file}: metric '{metric}' is not registered{suggest(metric, reg.metrics)}")
+        for metric in (*t.attack.metrics, *t.attack.utility) if t.attack else ():
+            if metric not in reg.metrics:
+                problems.append(f"{t.file}: attack metric '{metric}' is not registered{suggest(metric, reg.metrics)}")
         for mname in t.methods:
             if mname not in reg.methods:
                 problems.append(f"{t.file}: methods.{mname}: no such method{suggest(mname, reg.methods)}")
