@@ -65,6 +65,13 @@ def _eval_batch_arg(p: argparse.ArgumentParser, *, alias: bool = False) -> None:
         p.add_argument("--batch-size", dest="eval_batch_size", type=int, action=_Deprecated, help=argparse.SUPPRESS)
 
 
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-to", metavar="TRACKERS",
+                   help="log training to accelerate trackers, comma separated: tensorboard, wandb, mlflow, ... "
+                        "(default none; pip install 'unlearn-harness[tracking]')")
+    p.add_argument("--tracker-project", metavar="NAME", help="W&B project / MLflow experiment (default unlearn-harness)")
+
+
 OPTIONS = {"run": RunOptions, "eval": EvalOptions, "finetune": FinetuneOptions, "ls": ListOptions,
            "validate": ListOptions, "report": ReportOptions}
 
@@ -127,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the expanded grid with resolved configs and exit")
     p.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
     p.add_argument("--shard", metavar="i/n", help="run only cells i, i+n, ... of the grid (0-based)")
+    _tracking_args(p)
+    p.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="upload the saved model, its model card and results to the Hugging Face hub in one commit "
+                        "(implies --save-model; {task} {method} {seed} name one repository per cell)")
+    p.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
     _model_args(p)
     _common(p)
 
@@ -160,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--data-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint that --output already holds")
+    _tracking_args(p)
     _common(p)
 
     p = sub.add_parser("report", help="tables in the published layout, comparison and plots")

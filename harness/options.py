@@ -11,6 +11,7 @@ from harness import HarnessError
 EVAL_BATCH_SIZE = 32  # scoring batch (the reference evaluator's)
 LIST_KINDS = ("all", "tasks", "methods", "metrics", "attacks", "models", "plugins")  # what `harness ls` lists
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
+TRACKER_PROJECT = "unlearn-harness"  # --tracker-project default (W&B project, MLflow experiment)
 
 
 def _positive(flag: str, value, *, integer: bool = False, key: str | None = None) -> None:
@@ -43,6 +44,19 @@ def items(flag: str, text: str) -> list[str]:
     if dups:
         raise HarnessError(f"{flag} {text!r}: {', '.join(dups)} given more than once")
     return out
+
+
+def tracker_names(report_to: str | None) -> list[str]:
+    """``--report-to`` as tracker names (``none`` or not given: no tracking)."""
+    if not report_to or report_to.strip() == "none":
+        return []
+    return items("--report-to", report_to)
+
+
+def _trackers(report_to: str | None, project: str) -> None:
+    tracker_names(report_to)
+    if not str(project).strip():
+        raise HarnessError("--tracker-project: give a name")
 
 
 @dataclass
@@ -115,11 +129,20 @@ class RunOptions(Common, ModelOptions):
     dry_run: bool = False
     overwrite: bool = False
     shard: str | None = None
+    report_to: str | None = None  # accelerate tracker names, comma separated (e.g. tensorboard,wandb)
+    tracker_project: str = TRACKER_PROJECT
+    push_to_hub: str | None = None  # REPO_ID; may hold {task} {method} {seed} for a grid
+    private: bool = False
 
     def validate(self) -> None:
         ModelOptions.validate(self)
         items("--tasks", self.tasks)
         items("--methods", self.methods)
+        _trackers(self.report_to, self.tracker_project)
+        if self.private and not self.push_to_hub:
+            raise HarnessError("--private applies to --push-to-hub REPO_ID; give the repository too")
+        if self.push_to_hub is not None and not self.push_to_hub.strip():
+            raise HarnessError("--push-to-hub: give a repository id, e.g. my-name/tofu-npo")
         try:
             seeds = [int(s) for s in items("--seeds", self.seeds)]
         except ValueError:
@@ -163,8 +186,11 @@ class FinetuneOptions(Common):
     data_dir: str | None = None
     max_length: int = 512
     overwrite: bool = False
+    report_to: str | None = None
+    tracker_project: str = TRACKER_PROJECT
 
     def validate(self) -> None:
+        _trackers(self.report_to, self.tracker_project)
         _positive("--epochs", self.epochs, integer=True)
         _positive("--lr", self.lr)
         _positive("--train-batch-size", self.train_batch_size, integer=True)

@@ -14,7 +14,7 @@ from harness.options import EvalOptions, ModelOptions, attack_names
 from harness.paths import safe_name
 from harness.plugins import get_registry
 from harness.results.identity import check_inputs, identity_config
-from harness.results.rundir import claim, is_complete, replacing, write_config
+from harness.results.rundir import claim, is_complete, provenance, replacing, write_config
 from harness.results.tables import ARROWS, Sheet, console_value, display_name, to_plain
 from harness.scoring.attacked import check_attack_metrics
 from harness.scoring.evaluate import evaluate_task, score_rows, template_dict
@@ -95,15 +95,19 @@ def attack_config(opts: ModelOptions, registry) -> dict:
 
 
 def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *, out_dir: Path, dtype: str,
-               identity: dict, registry=None, print_table: bool = True):
+               identity: dict, registry=None, print_table: bool = True, trained: bool = False,
+               model_path: str | None = None):
     """The one scoring path of ``harness eval`` and ``harness run``: same settings, reference and files;
-    with ``--attacks`` the attacked copies are scored here too."""
+    with ``--attacks`` the attacked copies are scored here too.
+    ``trained``: the model was unlearned by ``harness run`` (``model_path``: where ``--save-model`` saved it);
+    the lm-eval results file names it so."""
     reg = registry or get_registry()
     attacks = build_attacks(attack_names(opts), reg)
     scores = evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
                            batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
                            registry=registry, data_dir=opts.data_dir, model_label=choice.label,
                            max_length=opts.max_length, identity=identity,
+                           lm_eval_run=lm_eval_run(model, choice, dtype, identity, model_path if trained else None, trained),
                            reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code},
                            attacks=attacks, attack_seed=int(identity.get("seed", 0)),
                            training={**task.training, **choice.training})
@@ -111,6 +115,24 @@ def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *,
         top = [n for n, _ in task.metrics]
         print(metric_table(score_rows(scores, reg, top), title=f"{task.name} ({choice.label})"))
     return scores
+
+
+def lm_eval_run(model, choice, dtype: str, identity: dict, model_path: str | None, trained: bool) -> dict:
+    """What the lm-eval results file says about the scored model (lm-eval's ``model_args`` string)."""
+    prov = provenance()
+    method = identity.get("method", "eval")
+    if trained:  # an unlearned model: where it was saved, else its start checkpoint and method
+        name = model_path or f"{choice.label}/{method}"
+        args = f"pretrained={name},base_model={choice.start},method={method},dtype={dtype}"
+    else:
+        name = choice.start
+        args = f"pretrained={choice.start},tokenizer={choice.tokenizer},dtype={dtype}"
+    return {"model_args": args, "model_name": name, "git_hash": (prov["git_sha"] or "")[:7] or None,
+            "versions": prov["versions"], "dtype": dtype, "seed": identity.get("seed", 0),
+            "device": str(getattr(model, "device", "cpu")),
+            "model_num_parameters": sum(p.numel() for p in model.parameters()),
+            "unlearn_harness": {"method": method, "model": choice.label, "start": choice.start,
+                                "command": prov["command"]}}
 
 
 def metric_table(rows: list[tuple[str, object, str]], *, title: str) -> str:

@@ -12,11 +12,12 @@ from harness.data.splits import check_data_dir, load_split
 from harness.io import write_yaml
 from harness.models.load import load_model, load_tokenizer
 from harness.models.profiles import resolve_base_model
-from harness.options import FinetuneOptions
+from harness.options import FinetuneOptions, tracker_names
 from harness.plugins import get_registry
 from harness.results.rundir import recover, replacing
 from harness.tasks import Task, select, suggest
 from harness.training import TrainConfig, config_dict, distributed, finetune
+from harness.training.tracking import Trackers, check_trackers
 
 
 def _whole(name: str, value) -> int:
@@ -64,6 +65,8 @@ def recipe_task(opts: FinetuneOptions) -> Task:
 def main(opts: FinetuneOptions) -> int:
     """Writes a Hugging Face checkpoint, ``train_log.jsonl`` and ``finetune.yaml`` (the resolved config)
     to ``--output``."""
+    names = tracker_names(opts.report_to)
+    check_trackers(names)  # before the relaunch and any model work
     if opts.accelerate and opts.accelerate != "single":
         rc = distributed.relaunch(sys.argv[1:], opts.accelerate)
         if rc != -1:
@@ -95,7 +98,17 @@ def main(opts: FinetuneOptions) -> int:
     model = load_model(choice.start_path(), dtype=choice.dtype, trust_remote_code=opts.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     with replacing(out, opts.overwrite, done=finished):
-        result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out)
+        tracker = None  # made inside: --overwrite first moves the old files (old logs too) aside
+        if names and distributed.is_main_process():
+            tracker = Trackers(names, run_name=out.name, log_dir=out, project=opts.tracker_project,
+                               config={"model": opts.model, "split": split, "data": spec.label(),
+                                       "training": config_dict(cfg)})
+        try:
+            result = finetune(model, tok, items, cfg, desc=f"finetune {split}", out_dir=out, save_dir=out,
+                              tracker=tracker)
+        finally:
+            if tracker is not None:
+                tracker.finish()
         if distributed.is_main_process():
             # written last: marks the checkpoint finished (and lets --overwrite drop the old one)
             write_yaml(out / FINISHED, {"model": opts.model, "split": split, "data": spec.label(),

@@ -16,7 +16,7 @@ from pathlib import Path
 from harness import HarnessError, __version__
 from harness.methods import build_method, check_required
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
-from harness.options import RunOptions
+from harness.options import RunOptions, tracker_names
 from harness.plugins import get_registry, one_line
 from harness.results.rundir import claim, is_complete, replacing, run_dir, write_config
 from harness.results.tables import Sheet, console_value, to_console
@@ -207,24 +207,80 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     idk = None
     if getattr(cell.method, "uses_idk", False):
         idk = idk_items(task, tok, template, forget_rows, opts.data_dir, cfg.max_length)
-    write_config(cell.dir, cell.config, {"plan": training.plan(cfg, len(forget), 1)})
+    first_plan = training.plan(cfg, len(forget), 1)
+    write_config(cell.dir, cell.config, {"plan": first_plan})
     log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
              task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
-    result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
-                              retain, cfg, idk_items=idk, out_dir=cell.dir,
-                              cache_reference=not opts.no_cache_reference,
-                              save_dir=cell.dir / "model" if opts.save_model else None)
-    write_config(cell.dir, cell.config, {"plan": result.info})
-    if not is_main_process():
+    save = opts.save_model or bool(opts.push_to_hub)
+    tracker = open_trackers(cell, opts, first_plan)
+    try:
+        result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
+                                  retain, cfg, idk_items=idk, out_dir=cell.dir,
+                                  cache_reference=not opts.no_cache_reference,
+                                  save_dir=cell.dir / "model" if save else None, tracker=tracker)
+        write_config(cell.dir, cell.config, {"plan": result.info})
+        if not is_main_process():
+            return None
+        meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
+                "seed": cell.seed, "model": choice.label, "harness_version": __version__,
+                "train_seconds": round(time.time() - t0, 1)}
+        if registry is None:
+            registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+        score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
+                    identity=meta, registry=registry, print_table=False, trained=True,
+                    model_path=str(cell.dir / "model") if save else None)
+        scores = read_scores(cell.dir)
+        if tracker is not None:
+            tracker.log_scores(scores["metrics"])
+        return scores
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def open_trackers(cell: Cell, opts: RunOptions, plan: dict):
+    """``--report-to``: the run's trackers, named after its directory (main process only; else None)."""
+    names = tracker_names(opts.report_to)
+    if not names or not is_main_process():
         return None
-    meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
-            "seed": cell.seed, "model": choice.label, "harness_version": __version__,
-            "train_seconds": round(time.time() - t0, 1)}
-    if registry is None:
-        registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
-    score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
-                identity=meta, registry=registry, print_table=False)
-    return read_scores(cell.dir)
+    from harness.training.tracking import Trackers
+
+    return Trackers(names, run_name=cell.dir.name, log_dir=cell.dir, project=opts.tracker_project,
+                    config={**cell.config, "plan": plan, "run_dir": str(cell.dir)})
+
+
+def check_sharing(cells: list[Cell], opts: RunOptions) -> None:
+    """``--report-to`` packages and ``--push-to-hub`` (online, token, one repository per run): checked before
+    any training, so a missing package or an offline hub never surfaces after hours of work."""
+    from harness.training.tracking import check_trackers
+
+    check_trackers(tracker_names(opts.report_to))
+    if opts.push_to_hub:
+        from harness.results.hub_push import check_push
+
+        check_push([hub_repo(c, opts) for c in cells], opts.push_to_hub)
+
+
+def hub_repo(cell: Cell, opts: RunOptions) -> str:
+    from harness.results.hub_push import repo_for
+
+    return repo_for(opts.push_to_hub, task=cell.task.name, method=cell.method_name, seed=cell.seed)
+
+
+def share_cell(cell: Cell, opts: RunOptions, scores: dict) -> None:
+    """After a finished run with a saved model: its model card, then (``--push-to-hub``) the upload."""
+    model_dir = cell.dir / "model"
+    if not (model_dir / "config.json").is_file():
+        return
+    from harness.results.card import write_model_card
+
+    repo = hub_repo(cell, opts) if opts.push_to_hub else None
+    write_model_card(model_dir, scores, cell.config, repo_id=repo)
+    if repo:
+        from harness.results.hub_push import push_run
+
+        url = push_run(repo, cell.dir, private=opts.private)
+        print(f"pushed {cell.task.name} x {cell.method_name} x seed {cell.seed} to {repo}: {url}")
 
 
 def read_scores(d: Path) -> dict:
@@ -309,6 +365,7 @@ def main(opts: RunOptions) -> int:
     if shard:
         cells = [c for i, c in enumerate(cells) if i % shard[1] == shard[0]]
     check_grid_data(cells, opts)  # --dry-run too: a dry run that passes means the run will start
+    check_sharing(cells, opts)
     if opts.dry_run:
         print_grid(cells)
         return 0
@@ -330,12 +387,14 @@ def main(opts: RunOptions) -> int:
         scores = run_cell(cell, opts, reg)
         if was_done:
             log.info("skip %s x %s x seed %d: finished earlier (%s)", cell.task.name, cell.method_name, cell.seed, cell.dir)
-            if opts.save_model and not (cell.dir / "model").is_dir():
+            if (opts.save_model or opts.push_to_hub) and not (cell.dir / "model").is_dir():
                 log.warning("--save-model: %s x %s x seed %d finished earlier without a saved model, so none was "
                             "saved; pass --overwrite to retrain it and save the model", cell.task.name,
                             cell.method_name, cell.seed)
         if scores is not None:
             rows.append((cell.task.name, cell.method_name, cell.seed, scores))
+            if (opts.save_model or opts.push_to_hub) and is_main_process():
+                share_cell(cell, opts, scores)
     if rows and is_main_process():
         print()
         print(summary_table(rows))

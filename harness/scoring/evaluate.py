@@ -30,8 +30,9 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                   attention_mask: str = "reference", registry=None, data_dir=None,
                   model_label: str | None = None, share: bool = True,
                   sort: bool = True, reference_options: dict | None = None,
-                  max_length: int | None = None, identity: dict | None = None, attacks=(),
-                  attack_seed: int = 0, training: dict | None = None) -> dict[str, Score]:
+                  max_length: int | None = None, identity: dict | None = None,
+                  lm_eval_run: dict | None = None, attacks=(), attack_seed: int = 0,
+                  training: dict | None = None) -> dict[str, Score]:
     """Score ``model`` on ``task``'s metric suite (or ``metrics``: names or (name, args) pairs).
 
     ``reference``: a retain model directory / hub id, an ``*_EVAL.json`` or ``*_SUMMARY.json`` log,
@@ -39,11 +40,13 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
     Returns every computed Score by name (dependencies included); with ``out_dir`` writes the
     result files, ``scores.json`` last. ``share=False`` / ``sort=False`` switch off pass sharing and
     length-sorted batching (only for measuring what they save; the numbers stay the same).
+    ``lm_eval_run``: what the lm-eval results file records of the run (``model_args``, ``git_hash``, ...).
     ``attacks``: ``harness.attacks.Attack`` instances; each attacks a copy of ``model`` (seeded by
     ``attack_seed``; ``training``: the run's training defaults) and the task's ``attack:`` metrics are scored
     again, returned and written as ``attack/<name>/<metric>`` (docs/attacks.md).
     """
     t0 = time.perf_counter()
+    wall0 = time.time()
 
     def make_ctx(m, subset=None, label="target"):
         return EvalContext(task, m, tokenizer, template, reference=reference, batch_size=batch_size,
@@ -81,7 +84,9 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                     "reference": ctx._reference.describe() if ctx._reference is not None else None,
                     "seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(Path(out_dir), task, ctx.scores, reg, top, model_label=model_label or "model",
-                      partial=bool(limit), settings=settings, identity=identity, attacks=outcomes)
+                      partial=bool(limit), settings=settings, identity=identity,
+                      lm_eval={"run": {"max_length": max_length, **(lm_eval_run or {})}, "tokenizer": tokenizer,
+                               "started": t0, "start_wall": wall0}, attacks=outcomes)
     return {**ctx.scores, **flat_scores(outcomes)}
 
 

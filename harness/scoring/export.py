@@ -9,6 +9,7 @@ from typing import Any
 from harness.io import finite_or_none, write_json, write_jsonl
 from harness.metrics import Score
 from harness.paths import safe_name
+from harness.scoring.lmeval_results import lm_eval_results, n_samples_of, write_lm_eval
 
 
 def _plain(v):
@@ -66,10 +67,12 @@ def sample_rows(scores: dict[str, Score]):
 
 def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: list[str], *,
                   model_label: str, partial: bool, settings: dict, identity: dict | None = None,
-                  attacks=()) -> None:
-    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, then scores.json (completion marker).
-    ``attacks``: ``AttackOutcome``s; their scores go everywhere as ``attack/<name>/<metric>`` (after the
-    attack; ``attack/<name>/before/<metric>``: the un-attacked model on the same rows, scores.json only)."""
+                  lm_eval: dict | None = None, attacks=()) -> None:
+    """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, results_<time>.json (lm-eval's layout; ``lm_eval``:
+    its run details, see ``lmeval_results``), then scores.json (completion marker).
+    ``attacks``: ``AttackOutcome``s; their scores go to the open-unlearning exports, samples.jsonl and
+    scores.json as ``attack/<name>/<metric>`` (after the attack; ``attack/<name>/before/<metric>``: the
+    un-attacked model on the same rows, scores.json only); the lm-eval file keeps the model's own metrics."""
     out_dir = Path(out_dir)
     bench = safe_name(task.benchmark, f"task '{task.name}' benchmark")
     after = {f"attack/{o.name}/{n}": s for o in attacks for n, s in o.after.items()}
@@ -85,6 +88,12 @@ def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: 
                       "version": getattr(m, "version", None), "top_level": n in top}
     if attacks:
         identity = {**(identity or {}), "attacks": {o.name: _plain(o.record()) for o in attacks}}
+    lm = dict(lm_eval or {})
+    run = {"model_name": model_label, "batch_size": settings.get("batch_size"), "limit": settings.get("limit"),
+           **lm.pop("run", {})}
+    own = {n: v for n, v in metrics.items() if n in scores}
+    write_lm_eval(out_dir, lm_eval_results(task, own, run=run, partial=partial,
+                                           n_samples=n_samples_of(scores), **lm))
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
     layout = {"benchmark": task.benchmark}
     if task.report is not None:

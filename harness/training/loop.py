@@ -50,13 +50,16 @@ class TrainResult:
 class _StepLog:
     """train_log.jsonl: one JSON line per optimizer step, appended and fsynced (finished lines survive crashes)."""
 
-    def __init__(self, out_dir: Path | None, enabled: bool):
+    def __init__(self, out_dir: Path | None, enabled: bool, tracker=None):
         self.path = Path(out_dir) / "train_log.jsonl" if (out_dir is not None and enabled) else None
+        self.tracker = tracker if enabled else None  # ``--report-to``: every row also goes to the trackers
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
 
     def write(self, row: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.log_row(row)
         if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -84,11 +87,13 @@ def _run(
     save_dir: Path | None = None,
     trainable: list[str] | None = None,
     state=None,
+    tracker=None,
 ):
     """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model).
 
     ``trainable``: regexes of the only parameters the optimizer updates (all get gradients). ``state``: the
-    method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``."""
+    method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``.
+    ``tracker``: a ``harness.training.tracking.Trackers`` (main process only) that gets every log row."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -137,7 +142,7 @@ def _run(
     if after_prepare is not None:
         after_prepare(acc, pad_id)  # e.g. shard the reference model like the policy, precompute log-probs
 
-    log = _StepLog(out_dir, acc.is_main_process)
+    log = _StepLog(out_dir, acc.is_main_process, tracker)
     gen = pairing_generator(cfg.seed, rank)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
@@ -235,7 +240,7 @@ def save_model(model, tokenizer, out: Path, *, is_main: bool = True) -> None:
 
 
 def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc: str = "finetune",
-             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None):
+             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None, tracker=None):
     """Finetune ``model`` on encoded ``items`` (dicts with ``input_ids`` and ``labels``) with plain NLL.
 
     The loss is HF's token-mean cross-entropy over each micro-batch. Deterministic for a given
@@ -253,7 +258,7 @@ def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc:
         return token_mean_nll(forward_logits(m, part), part["labels"]), {}
 
     return _run(model, tokenizer, cfg, n_anchor=len(items), make_batch=make_batch, loss_fn=loss_fn,
-                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir)
+                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir, tracker=tracker)
 
 
 def method_uses_reference(method) -> bool:
@@ -287,6 +292,7 @@ def unlearn(
     save_dir: Path | None = None,
     accelerator=None,
     desc: str | None = None,
+    tracker=None,
 ):
     """Unlearn ``forget_items`` from ``model`` with ``method`` (a ``harness.methods.Method`` instance).
 
@@ -301,7 +307,8 @@ def unlearn(
       for idk methods, whose drawn idk pairs are memoised as they come); ``"model"`` keeps it live.
     - ``cache_reference``: memoise reference sequence log-probs; ``False`` recomputes every call (and so
       keeps the frozen model). ``info["reference_forwards"]`` counts the reference forwards run.
-    - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result.
+    - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result;
+      ``tracker``: ``--report-to`` trackers (``harness.training.tracking.Trackers``) that get each log row.
     Batches given to ``method.loss`` are ``{"forget", "retain"[, "idk"]}`` parts with ``input_ids``,
     ``attention_mask``, ``labels`` and ``index`` (idk parts also ``alt``, the drawn alternative).
     Returns a ``TrainResult``: the unlearned plain model in eval mode and the derived step counts.
@@ -368,7 +375,7 @@ def unlearn(
     result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
                   out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
                   after_prepare=after_prepare_all, save_dir=save_dir, trainable=trainable_patterns(method),
-                  state=(run_state, log_state))
+                  state=(run_state, log_state), tracker=tracker)
     result.info["method_seed"] = cfg.seed  # the method's generator is harness.methods.method_generator(seed)
     if run_state.records:
         result.info["method_records"] = dict(run_state.records)
