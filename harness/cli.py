@@ -42,6 +42,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="use the first N rows of each split (smoke tests; marks results partial)")
     p.add_argument("--attacks", metavar="NAME[,NAME]",
                    help="score the task's forget metrics again after each attack, e.g. quant4,relearn (harness ls attacks)")
+    _lm_eval_args(p)
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("lm-evaluation-harness (metric lm_eval; needs the lmeval extra)")
+    g.add_argument("--utility", metavar="TASKS", help="add lm-eval utility tasks (e.g. mmlu) to every selected task's scores")
+    g.add_argument("--lm-eval-tasks", metavar="TASKS", help="replace the lm-eval task list of the tasks' lm_eval metric")
+    g.add_argument("--lm-eval-num-fewshot", type=int, metavar="N", help="lm-eval few-shot count")
+    g.add_argument("--lm-eval-limit", type=float, metavar="N", help="lm-eval: first N docs per task (<1: a fraction)")
+    g.add_argument("--lm-eval-batch-size", type=int, metavar="N", help="lm-eval batch size (default: the scoring batch)")
+    g.add_argument("--lm-eval-chat-template", action=argparse.BooleanOptionalAction,
+                   help="render lm-eval prompts with the tokenizer's chat template")
+    g.add_argument("--lm-eval-include", action="append", metavar="DIR",
+                   help="directory of your own lm-eval task YAML files (repeatable)")
 
 
 class _Deprecated(argparse.Action):
@@ -123,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.add_argument("--accelerate", metavar="single|ddp|zero3|FILE", help="re-launch under accelerate with a bundled or given config")
     p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int, metavar="N", help="train exactly N optimizer steps (HF max_steps; replaces epochs)")
     p.add_argument("--lr", type=float)
     _batch_args(p)
     p.add_argument("--per-device-batch", type=int)
@@ -181,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="?", const="published", metavar="CSV",
                    help="compare with the published numbers (shipped) or a CSV in the same layout")
     p.add_argument("--plot", metavar="FILE.png")
+    p.add_argument("--plot-x", metavar="METRIC", help="x axis of --plot instead of the family's, e.g. mmlu/acc (utility)")
+    p.add_argument("--plot-y", metavar="METRIC", help="y axis of --plot instead of the family's (an fnmatch pattern also works)")
     p.add_argument("--output", "-o", metavar="FILE")
     p.add_argument("--model", help="only this model's results")
     p.add_argument("--timing", action="store_true",

@@ -78,6 +78,14 @@ class ModelOptions:
     attention_mask: str = "reference"
     limit: int | None = None
     attacks: str | None = None  # comma separated attack names (harness ls attacks)
+    # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
+    utility: str | None = None
+    lm_eval_tasks: str | None = None
+    lm_eval_num_fewshot: int | None = None
+    lm_eval_limit: float | None = None
+    lm_eval_batch_size: int | None = None
+    lm_eval_chat_template: bool | None = None
+    lm_eval_include: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
@@ -85,6 +93,23 @@ class ModelOptions:
             items("--attacks", self.attacks)
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
+        for flag, value in (("--utility", self.utility), ("--lm-eval-tasks", self.lm_eval_tasks)):
+            if value is not None:
+                items(flag, value)
+        if self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0:
+            raise HarnessError(f"--lm-eval-num-fewshot must be >= 0, got {self.lm_eval_num_fewshot}")
+        _positive("--lm-eval-limit", self.lm_eval_limit)
+        _positive("--lm-eval-batch-size", self.lm_eval_batch_size, integer=True)
+
+    def lm_eval_overrides(self) -> dict:
+        """The lm_eval metric settings given on the command line (``harness.metrics.lmeval.with_overrides``)."""
+        limit = self.lm_eval_limit
+        if limit is not None and limit >= 1 and float(limit).is_integer():
+            limit = int(limit)
+        return {"tasks": items("--lm-eval-tasks", self.lm_eval_tasks) if self.lm_eval_tasks else None,
+                "utility": items("--utility", self.utility) if self.utility else None,
+                "include": list(self.lm_eval_include), "num_fewshot": self.lm_eval_num_fewshot, "limit": limit,
+                "batch_size": self.lm_eval_batch_size, "apply_chat_template": self.lm_eval_chat_template}
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
 
@@ -118,6 +143,7 @@ class RunOptions(Common, ModelOptions):
     output: str = "results"
     accelerate: str | None = None
     epochs: float | None = None
+    max_steps: int | None = None
     lr: float | None = None
     train_batch_size: int | None = None
     per_device_batch: int | None = None
@@ -150,6 +176,7 @@ class RunOptions(Common, ModelOptions):
         if len(set(seeds)) != len(seeds):  # 1,01
             raise HarnessError(f"--seeds {self.seeds!r}: a seed is given more than once")
         _positive("--epochs", self.epochs, integer=True, key="epochs")
+        _positive("--max-steps", self.max_steps, integer=True, key="max_steps")
         _positive("--lr", self.lr, key="lr")
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
@@ -214,6 +241,8 @@ class ReportOptions(Common):
     format: str = "md"
     compare: str | None = None
     plot: str | None = None
+    plot_x: str | None = None  # other plot axes than the family's, e.g. mmlu/acc (utility)
+    plot_y: str | None = None
     output: str | None = None
     model: str | None = None
     timing: bool = False

@@ -5,9 +5,7 @@ not tasks. Unknown keys are errors with a suggestion; a file that fails to parse
 naming it, never a silent skip; mistyped fields are errors naming the file and the field, and the
 task name must be a safe path component (it names a results directory). Everything a benchmark family needs beyond its metrics is data here
 (docs/tasks.md): the export name (``benchmark``), how unlearning data is built (``training.format``,
-``training.idk``, ``data.<role>.tiny_fallback``), the report layout (``report``) and the recipe of
-``harness finetune`` (``finetune``).
-"""
+``training.idk``, ``data.<role>.tiny_fallback``), the report layout (``report``), ``harness finetune``'s recipe."""
 
 from __future__ import annotations
 
@@ -28,12 +26,15 @@ TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "m
              "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
 DATA_KEYS = ("path", "name", "split", "format")
 TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
-ROLE_KEYS = (*DATA_KEYS, "tiny_fallback")
+# obtain: where to get a split that is not on the hub (said when it is missing; WMDP's corpora)
+ROLE_KEYS = (*DATA_KEYS, "tiny_fallback", "obtain")
+# path `text`: the HF text builder over a local file, one row {"text": line} per line (spec 2.8, WMDP)
+TEXT_BUILDER = "text"
 # format / idk say how the unlearning items are built; the rest is TrainConfig
 DATA_BUILD_KEYS = ("format", "idk")
 TRAINING_KEYS = ("epochs", "lr", "batch_size", "per_device_batch", "warmup_epochs", "weight_decay",
                  "schedule", "optimizer", "max_length", "gradient_checkpointing", "max_grad_norm",
-                 *DATA_BUILD_KEYS)
+                 "max_steps", "padding_side", *DATA_BUILD_KEYS)
 FORMATS = ("qa", "corpus")
 IDK_KEYS = ("role", "field")
 REPORT_KEYS = ("title", "split", "split_order", "order", "columns", "published", "published_models", "plot")
@@ -161,6 +162,7 @@ class Task:
     idk: tuple[str, str] = ("idk", "text")  # (data role, field) of the "I don't know" answers
     # role -> split read instead when the declared one is unavailable, with the embedded tiny models only
     fallbacks: dict[str, DataSpec] = field(default_factory=dict)
+    obtain: dict[str, str] = field(default_factory=dict)  # role -> where to get its data (missing-data errors)
     report: ReportLayout | None = None
     finetune: FinetuneRecipe | None = None
     attack: AttackSpec | None = None  # what --attacks scores again; in the run hash only with --attacks
@@ -260,7 +262,7 @@ def parse_task(path: Path) -> Task:
         if not doc.get(req):
             raise HarnessError(f"{path}: task '{name}' is missing required field '{req}'")
     tags = _tags(path, doc.get("tag"))
-    data, fallbacks = {}, {}
+    data, fallbacks, obtain = {}, {}, {}
     if not isinstance(doc["data"], dict):
         raise HarnessError(f"{path}: field 'data' must map role names to {{path, name, split}}")
     for role, spec in doc["data"].items():
@@ -270,6 +272,8 @@ def parse_task(path: Path) -> Task:
             if k not in ROLE_KEYS:
                 raise HarnessError(f"{path}: data.{role}: unknown key '{k}'{suggest(k, ROLE_KEYS)}")
         data[role] = DataSpec(str(spec["path"]), spec.get("name"), spec.get("split", "train"))
+        if spec.get("obtain") is not None:
+            obtain[role] = str(spec["obtain"]).strip()
         fb = spec.get("tiny_fallback")
         if fb is not None:
             _check_keys(f"{path}: data.{role}.tiny_fallback", fb, DATA_KEYS)
@@ -306,7 +310,7 @@ def parse_task(path: Path) -> Task:
                 prompt=_prompt(path, doc.get("prompt")), data=data,
                 training=training, methods=_methods(path, doc.get("methods")),
                 metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
-                idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks,
+                idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks, obtain=obtain,
                 report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data))
 
 
@@ -410,8 +414,10 @@ TRAINING_CHECKS = {
     "warmup_epochs": lambda p, k, v: _number(p, k, v, positive=False),
     "weight_decay": lambda p, k, v: _number(p, k, v, positive=False),
     "max_grad_norm": lambda p, k, v: _number(p, k, v, positive=False),  # 0 = no clipping
+    "max_steps": lambda p, k, v: _number(p, k, v, integer=True),
     "schedule": _word,
     "optimizer": _word,
+    "padding_side": _word,
     "gradient_checkpointing": _flag,
 }
 

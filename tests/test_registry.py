@@ -15,14 +15,14 @@ from harness.plugins import build_registry
 from harness.tasks import parse_task
 
 BUILTIN_METHODS = {"grad_ascent", "grad_diff", "idk_dpo", "npo", "simnpo"}
-TASKS = {"tofu_forget01", "tofu_forget05", "tofu_forget10", "muse_news", "muse_books"}
+TASKS = {"tofu_forget01", "tofu_forget05", "tofu_forget10", "muse_news", "muse_books", "wmdp_bio", "wmdp_cyber"}
 
 
 def test_builtins_register_through_hooks():
     reg = build_registry(strict=True)
     assert TASKS <= set(reg.tasks)
     assert BUILTIN_METHODS <= set(reg.methods)
-    assert {"forget_quality", "model_utility"} <= set(reg.metrics)
+    assert {"forget_quality", "model_utility", "lm_eval"} <= set(reg.metrics)
     assert reg.failures == []
     assert reg.sources[("methods", "npo")] == "builtin:methods/npo.py"
 
@@ -162,7 +162,7 @@ def test_cli_ls_and_unknown_names():
     for t in TASKS:
         assert t in out
     _, out, _ = run_cli("ls", "models")
-    for p in ("tiny", "llama2-7b-chat", "llama3.2-1b-instruct", "llama2-7b"):
+    for p in ("tiny", "llama2-7b-chat", "llama3.2-1b-instruct", "llama2-7b", "zephyr-7b-beta"):
         assert p in out
     _, out, _ = run_cli("ls", "methods")
     assert all(m in out for m in BUILTIN_METHODS)
@@ -206,4 +206,4 @@ def test_config_hash_changes_with_config(tmp_path):
 
 def test_validate_passes():
     _, out, _ = run_cli("validate")
-    assert out.startswith("ok: 5 task(s)")
+    assert out.startswith("ok: 7 task(s)")

@@ -35,7 +35,7 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
     attacks = attack_config(opts, reg)
     plan = []
     for tname in names:  # every input of every task is checked before the first model is loaded
-        task = reg.tasks[tname]
+        task = with_lm_eval_options(reg.tasks[tname], opts)
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference,
                                retain=opts.retain_model)
         check_inputs(task, choice, opts.data_dir, reg)
@@ -82,6 +82,20 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
                             registry=reg)
             print(f"results: {out}")
     return dirs
+
+
+def with_lm_eval_options(task, opts: ModelOptions):
+    """``task`` with the command line's lm_eval settings (--utility, --lm-eval-*) in its metric list, so
+    they enter the run hash like the task file's own."""
+    import dataclasses
+
+    over = opts.lm_eval_overrides()
+    if not any(v is not None and v != [] for v in over.values()):
+        return task
+    from harness.metrics.lmeval import with_overrides
+
+    metrics = with_overrides(task.metrics, **over)
+    return task if metrics == task.metrics else dataclasses.replace(task, metrics=metrics)
 
 
 def _report_existing(name: str, out: Path) -> None:

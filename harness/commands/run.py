@@ -66,7 +66,7 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
 
 
 # --flag -> TrainConfig field
-TRAIN_FLAGS = {"epochs": "epochs", "lr": "lr", "train_batch_size": "batch_size",
+TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "lr", "train_batch_size": "batch_size",
                "per_device_batch": "per_device_batch", "optimizer": "optimizer", "max_length": "max_length"}
 
 
@@ -79,6 +79,8 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
     cfg = {**task.training, **method_training, **choice.training}
     flags = {key: getattr(opts, flag) for flag, key in TRAIN_FLAGS.items() if getattr(opts, flag) is not None}
     cfg.update(flags)
+    if opts.epochs is not None and opts.max_steps is None:
+        cfg.pop("max_steps", None)  # --epochs asks for epochs: a task's step count (WMDP's 80) gives way
     if opts.gradient_checkpointing:
         cfg["gradient_checkpointing"] = True
     cfg["seed"] = seed
@@ -116,8 +118,10 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
 
     attacks = attack_config(opts, reg)
     cells = []
+    from harness.commands.eval import with_lm_eval_options
+
     for tname in tasks:
-        task = reg.tasks[tname]
+        task = with_lm_eval_options(reg.tasks[tname], opts)
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference)
         # Everything that chooses data (profile substitutions, tiny fallback, hub vs bundled vs --data-dir)
         # is decided here, before the hash: training and scoring then read exactly these sources.
@@ -322,6 +326,7 @@ def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     keep = [c for c in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
                         "privleak", "extraction_strength", "forget_knowmem_ROUGE", "forget_verbmem_ROUGE",
                         "retain_knowmem_ROUGE") if c in cols]
+    keep += [c for c in cols if "/" in c]  # lm-eval values (<task>/<metric>): WMDP accuracy, utility
     sheet = Sheet(["task", "method", "seed", *keep])
     for task, method, seed, sc in rows:
         m = sc.get("metrics", {})
@@ -354,6 +359,10 @@ def check_grid_data(cells: list[Cell], opts: RunOptions) -> None:
             raise err
         corpus.announce_fallbacks(task, sources)
         check_data(task, opts.data_dir, opts.limit, start)
+        if any(name == "lm_eval" for name, _ in task.metrics):
+            from harness.metrics.lmeval import check_tasks
+
+            check_tasks(task)  # lm-eval tasks and their data, before any training
 
 
 def main(opts: RunOptions) -> int:

@@ -98,9 +98,19 @@ def missing_data_error(task: Task, data_dir=None, *, tiny: bool = False) -> Harn
     """The fail-fast error for splits that cannot be found (None when everything is there)."""
     from harness.data.splits import missing_splits
 
-    missing = missing_splits(run_data_specs(task, data_dir, tiny=tiny), data_dir)
+    specs = run_data_specs(task, data_dir, tiny=tiny)
+    missing = missing_splits(specs, data_dir)
     if not missing:
         return None
+    hinted = [r for r in specs if r in task.obtain and missing_splits({r: specs[r]}, data_dir)]
+    if hinted:  # a corpus the hub does not serve (WMDP): say where to get it and how to pass it
+        role = hinted[0]
+        spec = specs[role]
+        where = f"not in --data-dir {data_dir}" if data_dir else "not given (no --data-dir)"
+        others = f" (also missing: {', '.join(hinted[1:])})" if len(hinted) > 1 else ""
+        return HarnessError(
+            f"task '{task.name}': the {role} corpus {spec.name}.jsonl is {where}{others}; get it: "
+            f"{task.obtain[role]}; then pass --data-dir DIR, DIR holding {spec.name}.jsonl")
     where = f" (looked in --data-dir {data_dir} and the bundled data)" if data_dir else " (not bundled)"
     return HarnessError(
         f"task '{task.name}': data not available offline: {', '.join(missing)}{where}; supply them with "

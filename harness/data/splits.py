@@ -15,7 +15,7 @@ from harness import HarnessError, hub
 from harness.hub import notice_once
 from harness.io import read_jsonl
 from harness.paths import bundled_dir
-from harness.tasks import DataSpec, ResolvedSpec
+from harness.tasks import TEXT_BUILDER, DataSpec, ResolvedSpec
 
 # hub dataset id -> folder under harness/bundled (TOFU: <name>.jsonl; MUSE: <name>/<split>.jsonl)
 BUNDLED = {"locuslab/TOFU": "tofu", "muse-bench/MUSE-News": "muse_news", "open-unlearning/idk": "tofu/idk.jsonl"}
@@ -25,6 +25,19 @@ def _read_lines(path: Path) -> list[dict]:
     # The idk list is plain text, one answer per line (read like the reference's readlines()).
     with open(path, encoding="utf-8") as fh:
         return [{"text": line.strip()} for line in fh if line.strip()]
+
+
+def _text_rows(path: Path) -> list[dict]:
+    """The HF ``text`` builder (``load_dataset("text", data_files=...)``, sample_by line): every line, empty
+    ones too, without its line break, is one row ``{"text": line}``; a JSONL file's raw JSON lines are texts
+    as they stand (the reference reads WMDP's corpora so, spec 2.8)."""
+    with open(path, encoding="utf-8") as fh:
+        return [{"text": line.rstrip("\n")} for line in fh]
+
+
+def is_local_only(spec: DataSpec) -> bool:
+    """A split read only from --data-dir (the text builder over a local file), never the hub or bundled."""
+    return spec.path == TEXT_BUILDER
 
 
 def _candidates(root: Path, spec: DataSpec) -> list[Path]:
@@ -60,6 +73,8 @@ def _bundled_path(spec: DataSpec) -> Path | None:
 
 
 def _rows_from_file(path: Path, spec: DataSpec) -> list[dict]:
+    if is_local_only(spec):
+        return _text_rows(path)
     return _read_lines(path) if spec.path == "open-unlearning/idk" else read_jsonl(path)
 
 
@@ -79,6 +94,8 @@ def resolve_source(spec: DataSpec, data_dir: str | Path | None = None) -> str | 
     local = _data_dir_path(spec, data_dir)
     if local is not None and not str(local).startswith(str(bundled_dir())):
         return f"data_dir:{local.relative_to(Path(data_dir)).as_posix()}"
+    if is_local_only(spec):
+        return None
     if hub.hub_available():
         return "hub"
     bundled = _bundled_path(spec)
@@ -172,6 +189,9 @@ def _load(spec: DataSpec, data_dir: str | None, stamp: tuple | None = None) -> t
         p = local_path(spec, data_dir)
         if p is not None and not str(p).startswith(str(bundled_dir())):
             return tuple(_rows_from_file(p, spec))
+    if is_local_only(spec):
+        raise HarnessError(f"dataset split {spec.label()} is a local text file: supply it with --data-dir DIR "
+                           f"holding {spec.name}.jsonl")
     if hub.hub_available():
         try:
             return tuple(_from_hub(spec))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from harness import HarnessError
 
@@ -18,11 +19,33 @@ ARROWS = {"higher": "↑", "lower": "↓", "zero": "→0", "one": "→1"}
 @dataclass
 class Score:
     """One metric result. ``per_sample`` maps dataset index -> value or dict (kept for KS tests
-    and the open-unlearning ``value_by_index`` export); ``extra`` holds e.g. MIA sub-results."""
+    and the open-unlearning ``value_by_index`` export); ``extra`` holds e.g. MIA sub-results.
+
+    A metric that reports several numbers (``lm_eval``: one per lm-eval task and metric) returns them as
+    ``parts``: name -> Score, each with its own ``better`` and ``stderr``; they land in scores.json and the
+    tables under their own flat names instead of the parent. ``exports`` (file name -> JSON document) are
+    files of the metric's own in the run directory (``LMEval_EVAL.json``); a metric with exports stays out
+    of the task's ``<BENCH>_EVAL.json``. ``rows`` are samples.jsonl rows beyond ``per_sample``."""
 
     value: float | None
     per_sample: dict | None = None
     extra: dict = field(default_factory=dict)
+    stderr: float | None = None
+    better: str | None = None  # a part's direction; None: the metric's declared one
+    parts: dict[str, Score] = field(default_factory=dict)
+    exports: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict] | None = None
+
+
+def flat_scores(scores: dict[str, Score]) -> list[tuple[str, Score, str]]:
+    """(name, score, parent metric) with every multi-valued score replaced by its parts."""
+    out = []
+    for name, s in scores.items():
+        if s.parts:
+            out += [(pname, p, name) for pname, p in s.parts.items()]
+        else:
+            out.append((name, s, name))
+    return out
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,9 @@ def main(opts: ReportOptions) -> int:
         print(render_timing(tables))
     plot_path = args.plot
     if plot_path:
+        from harness.report.plot import with_axes
+
+        with_axes(tables, args.plot_x, args.plot_y)
         attacked = attack_rows(cells)
         try:
             plot(tables, Path(plot_path), published)

@@ -3,6 +3,7 @@ YAML: forget quality against model utility for TOFU, forgetting against retained
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import math
 from pathlib import Path
@@ -44,7 +45,7 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
                 cell = t.cells.get((display, task))
                 if cell is None:
                     continue
-                x, y = cell.stats.get(xm), cell.stats.get(ym)
+                x, y = axis_stat(cell.stats, xm), axis_stat(cell.stats, ym)
                 if x is None or y is None or x.mean is None or y.mean is None:
                     continue
                 if (logy and y.mean <= 0) or (logx and x.mean <= 0):
@@ -135,6 +136,29 @@ def plot(tables: list[Table], path: Path, published: dict | None = None) -> Path
     plt.close(fig)
     write_bytes(path, buf.getvalue())
     return path
+
+
+def axis_stat(stats: dict, axis: str):
+    """The value an axis reads: the metric of that name, else the first whose name matches it as an
+    fnmatch pattern (WMDP plots ``wmdp_*/acc``: wmdp_bio/acc in one column group, wmdp_cyber/acc in the other)."""
+    if axis in stats:
+        return stats[axis]
+    hits = sorted(m for m in stats if fnmatch.fnmatchcase(m, axis))
+    return stats[hits[0]] if hits else None
+
+
+def with_axes(tables: list[Table], x: str | None, y: str | None) -> None:
+    """``--plot-x`` / ``--plot-y``: other axes than the family's (e.g. forget quality against mmlu/acc);
+    the replaced axis drops the family's scale settings."""
+    if not x and not y:
+        return
+    for t in tables:
+        base = dict(t.plot or {})
+        if x:
+            base = {k: v for k, v in base.items() if k != "log_x"} | {"x": x}
+        if y:
+            base = {k: v for k, v in base.items() if k not in ("log_y", "y_max")} | {"y": y}
+        t.plot = base if "x" in base and "y" in base else None
 
 
 def _axis_label(metric: str, log: bool, better: str | None) -> str:

@@ -45,6 +45,8 @@ def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table
             rank = {s: i for i, s in enumerate(layout.split_order)}
             splits = sorted(split_of.items(), key=lambda ts: (rank.get(ts[1], len(rank)), ts[1], ts[0]))
             metrics = list(layout.columns) or sorted({m for c in group for m in c.stats if not m.startswith(ATTACK)})
+            # utility columns (lm-eval "<task>/<metric>" values, e.g. --utility mmlu) join the headline ones
+            metrics += sorted({m for c in group for m in c.stats if "/" in m and not m.startswith(ATTACK)} - set(metrics))
         else:  # a task of its own (plugin or --include-tasks): one group, every metric it reported
             splits = [(bench_name, bench_name)]
             metrics = sorted({m for c in group for m in c.stats if not m.startswith(ATTACK)})

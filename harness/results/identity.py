@@ -18,6 +18,10 @@ def check_inputs(task, choice, data_dir, registry) -> None:
         if name not in registry.metrics:
             raise HarnessError(f"task '{task.name}' ({task.file}): unknown metric '{name}'"
                                f"{suggest(name, registry.metrics)}; see `harness ls metrics`")
+    if any(name == "lm_eval" for name, _ in task.metrics):
+        from harness.metrics.lmeval import require
+
+        require()  # the extra is missing: say so before any model is loaded
     check_data_dir(data_specs(task, choice, data_dir), data_dir, what=f"task '{task.name}'")
     check_reference(choice.reference, task)
 
@@ -35,9 +39,15 @@ def identity_config(task, choice, registry, data_dir) -> dict:
     harness's scoring version. Part of the run hash of ``harness run`` and ``harness eval`` alike."""
     from harness.data.splits import data_fingerprints
 
-    return {"scoring_version": SCORING_VERSION, "metrics": metric_versions(task, registry),
-            **choice.fingerprints(task.benchmark), "data": data_fingerprints(data_specs(task, choice, data_dir),
-                                                                            data_dir)}
+    out = {"scoring_version": SCORING_VERSION, "metrics": metric_versions(task, registry),
+           **choice.fingerprints(task.benchmark), "data": data_fingerprints(data_specs(task, choice, data_dir),
+                                                                           data_dir)}
+    if any(name == "lm_eval" for name, _ in task.metrics):
+        from harness.metrics.lmeval import include_fingerprints, installed_version
+
+        out["lm_eval_version"] = installed_version()  # its tasks and prompts change between releases
+        out["lm_eval_include"] = include_fingerprints(task)  # custom lm-eval tasks and their files
+    return out
 
 
 def metric_versions(task, registry) -> dict[str, int]:

@@ -138,7 +138,8 @@ def provenance() -> dict:
     import importlib.metadata as md
 
     versions = {"harness": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "accelerate", "deepspeed", "bitsandbytes", "datasets", "scipy", "rouge-score"):
+    for pkg in ("torch", "transformers", "accelerate", "deepspeed", "bitsandbytes", "datasets", "scipy", "rouge-score",
+                "lm_eval"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

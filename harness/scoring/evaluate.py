@@ -12,7 +12,8 @@ from harness import HarnessError, __version__
 from harness.attacks import AttackInput
 from harness.metrics import Score
 from harness.options import EVAL_BATCH_SIZE
-from harness.scoring.attacked import flat_scores, run_attacks
+from harness.scoring.attacked import flat_scores as attack_scores
+from harness.scoring.attacked import run_attacks
 from harness.scoring.context import EvalContext, missing_reference_error
 from harness.scoring.export import write_outputs
 from harness.scoring.reference import resolve_reference
@@ -20,9 +21,13 @@ from harness.scoring.reference import resolve_reference
 
 def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
     """Table rows: top-level metrics first (task order), then their dependencies."""
-    order = [n for n in top if n in scores] + [n for n in scores if n not in top]
+    from harness.metrics import flat_scores
+
+    flat = flat_scores(scores)
+    order = sorted((r for r in flat if r[2] in top), key=lambda r: top.index(r[2])) + [r for r in flat if r[2] not in top]
     # attack/<name>/[before/]<metric> reads in the direction of <metric>
-    return [(n, scores[n].value, getattr(registry.metrics.get(n.rsplit("/", 1)[-1]), "better", "")) for n in order]
+    return [(n, s.value, s.better or getattr(registry.metrics.get(parent.rsplit("/", 1)[-1]), "better", ""))
+            for n, s, parent in order]
 
 
 def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=None, batch_size: int = EVAL_BATCH_SIZE,
@@ -87,7 +92,7 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                       partial=bool(limit), settings=settings, identity=identity,
                       lm_eval={"run": {"max_length": max_length, **(lm_eval_run or {})}, "tokenizer": tokenizer,
                                "started": t0, "start_wall": wall0}, attacks=outcomes)
-    return {**ctx.scores, **flat_scores(outcomes)}
+    return {**ctx.scores, **attack_scores(outcomes)}
 
 
 def template_dict(template) -> dict | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.io import finite_or_none, write_json, write_jsonl
-from harness.metrics import Score
+from harness.metrics import Score, flat_scores
 from harness.paths import safe_name
 from harness.scoring.lmeval_results import lm_eval_results, n_samples_of, write_lm_eval
 
@@ -44,12 +44,18 @@ def export_entry(score: Score) -> dict:
     return e
 
 
+def own_export(scores: dict[str, Score]) -> dict[str, Score]:
+    """The scores that go into the task's ``<BENCH>_EVAL.json``: not those that write export files of their own."""
+    return {n: s for n, s in scores.items() if not s.exports}
+
+
 def eval_log(scores: dict[str, Score]) -> dict:
-    return {name: export_entry(s) for name, s in scores.items()}
+    return {name: export_entry(s) for name, s in own_export(scores).items()}
 
 
 def summary(scores: dict[str, Score], top: list[str]) -> dict:
-    return {n: _plain(scores[n].value) for n in top if n in scores and scores[n].value is not None}
+    own = own_export(scores)
+    return {n: _plain(own[n].value) for n in top if n in own and own[n].value is not None}
 
 
 def sample_rows(scores: dict[str, Score]):
@@ -58,6 +64,8 @@ def sample_rows(scores: dict[str, Score]):
         if s.per_sample:
             for idx, v in s.per_sample.items():
                 yield {"metric": name, "index": int(idx), **(v if isinstance(v, dict) else {"value": v})}
+        for row in s.rows or ():
+            yield {"metric": name, **row}
         for split in ("forget", "holdout"):
             sub = s.extra.get(split)
             if isinstance(sub, dict) and "value_by_index" in sub:
@@ -78,20 +86,28 @@ def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: 
     after = {f"attack/{o.name}/{n}": s for o in attacks for n, s in o.after.items()}
     before = {f"attack/{o.name}/before/{n}": s for o in attacks for n, s in o.before.items()}
     write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows({**scores, **after})))
-    write_json(out_dir / f"{bench}_EVAL.json", eval_log({**scores, **after}), indent=4, sort_keys=True)
-    write_json(out_dir / f"{bench}_SUMMARY.json", summary({**scores, **after}, [*top, *after]), indent=4,
-               sort_keys=True)
+    if own_export(scores) or not any(s.exports for s in scores.values()):
+        write_json(out_dir / f"{bench}_EVAL.json", eval_log({**scores, **after}), indent=4, sort_keys=True)
+        write_json(out_dir / f"{bench}_SUMMARY.json", summary({**scores, **after}, [*top, *after]), indent=4,
+                   sort_keys=True)
+    for n, s in scores.items():
+        for fname, doc in s.exports.items():
+            write_json(out_dir / safe_name(fname, f"metric '{n}' export file"), _plain(doc), indent=4, sort_keys=True)
     metrics = {}
-    for n, s in {**scores, **after, **before}.items():
-        m = registry.metrics.get(n.rsplit("/", 1)[-1])
-        metrics[n] = {**_metric_value(s.value), "better": getattr(m, "better", None),
-                      "version": getattr(m, "version", None), "top_level": n in top}
+    for n, s, parent in flat_scores({**scores, **after, **before}):
+        m = registry.metrics.get(parent.rsplit("/", 1)[-1] if parent.startswith("attack/") else parent)
+        metrics[n] = {**_metric_value(s.value), "better": s.better or getattr(m, "better", None),
+                      "version": getattr(m, "version", None), "top_level": parent in top}
+        if s.stderr is not None or parent != n:
+            metrics[n]["stderr"] = _plain(s.stderr)
+        if parent != n:
+            metrics[n]["part_of"] = parent
     if attacks:
         identity = {**(identity or {}), "attacks": {o.name: _plain(o.record()) for o in attacks}}
     lm = dict(lm_eval or {})
     run = {"model_name": model_label, "batch_size": settings.get("batch_size"), "limit": settings.get("limit"),
            **lm.pop("run", {})}
-    own = {n: v for n, v in metrics.items() if n in scores}
+    own = {n: v for n, v in metrics.items() if not n.startswith("attack/")}
     write_lm_eval(out_dir, lm_eval_results(task, own, run=run, partial=partial,
                                            n_samples=n_samples_of(scores), **lm))
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry

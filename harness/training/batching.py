@@ -11,13 +11,13 @@ from harness import HarnessError
 from harness.data.encode import collate as fmt_collate
 
 
-def collate(items: Sequence[dict], pad_id: int, mask: str = "reference") -> dict[str, torch.Tensor]:
-    """Right-pad encoded items with ``harness.data.encode.collate`` (spec 2.5), keeping ``index`` and ``alt``.
+def collate(items: Sequence[dict], pad_id: int, mask: str = "reference", side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad encoded items (right unless ``side="left"``) with ``harness.data.encode.collate`` (spec 2.5), keeping ``index`` and ``alt``.
 
     ``mask="reference"`` gives ``attention_mask = input_ids != pad_id`` (the reference collator, which also
     hides real tokens equal to pad); ``"corrected"`` masks only the padding.
     """
-    out = fmt_collate(list(items), pad_id, side="right", mask=mask)
+    out = fmt_collate(list(items), pad_id, side=side, mask=mask)
     if "alt" in items[0]:
         out["alt"] = torch.as_tensor([int(it["alt"]) for it in items], dtype=torch.long)
     return out

@@ -10,6 +10,7 @@ from harness import HarnessError
 from harness.options import ATTENTION_MASKS
 
 SCHEDULES = ("linear", "constant")
+PADDING_SIDES = ("right", "left")
 OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch", "adamw_32bit")
 
 
@@ -31,6 +32,9 @@ class TrainConfig:
     max_length: int = 512  # used by callers when encoding items; recorded with the config
     accelerate: str = "single"  # "single" | "ddp" | "zero3" | path to an accelerate config file
     attention_mask: str = "reference"  # collator mask: "reference" (ids != pad, the quirk) or "corrected"
+    # HF max_steps: train exactly this many optimizer steps (epochs repeat as needed; ``epochs`` is ignored)
+    max_steps: int | None = None
+    padding_side: str = "right"  # training batches; WMDP's reference collator pads on the left
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -40,6 +44,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "per_device_batch"):
             if int(getattr(self, name)) < 1:
                 raise HarnessError(f"training {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise HarnessError(f"training max_steps must be >= 1, got {self.max_steps}")
+        if self.padding_side not in PADDING_SIDES:
+            raise HarnessError(f"training padding_side {self.padding_side!r} unknown; use {' or '.join(PADDING_SIDES)}")
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"attention_mask {self.attention_mask!r} unknown; use {' or '.join(ATTENTION_MASKS)}")
 
@@ -55,7 +63,8 @@ class TrainConfig:
 
 
 def plan(cfg: TrainConfig, n_examples: int, world_size: int) -> dict[str, int]:
-    """Derived step counts, recorded in config.yaml: grad_accum, steps_per_epoch, total_steps, warmup_steps."""
+    """Derived step counts, recorded in config.yaml: grad_accum, steps_per_epoch, total_steps, warmup_steps,
+    epochs (``max_steps`` runs ceil(max_steps / steps_per_epoch) epochs, the last one cut short, as HF does)."""
     ga = cfg.grad_accum(world_size)
     per_rank = math.ceil(n_examples / world_size)
     micro = math.ceil(per_rank / cfg.per_device_batch)
@@ -67,7 +76,8 @@ def plan(cfg: TrainConfig, n_examples: int, world_size: int) -> dict[str, int]:
         "grad_accum": ga,
         "micro_batches_per_epoch": micro,
         "steps_per_epoch": steps_per_epoch,
-        "total_steps": steps_per_epoch * int(cfg.epochs),
+        "total_steps": int(cfg.max_steps) if cfg.max_steps else steps_per_epoch * int(cfg.epochs),
+        "epochs": math.ceil(int(cfg.max_steps) / steps_per_epoch) if cfg.max_steps else int(cfg.epochs),
         "warmup_steps": warmup,
     }
 

@@ -11,6 +11,8 @@ Core decides everything that makes runs comparable (spec sections 2.6 and 4):
 - AdamW (``paged_adamw_32bit`` by default, as published), weight decay except biases and norm weights,
   gradient clipping, linear schedule with warmup steps ``int(warmup_epochs * N // batch_size)`` from the
   real world size (TOFU), or constant (MUSE);
+- ``max_steps`` (HF's): exactly that many optimizer steps, epochs repeating as needed (WMDP: 80 steps);
+  ``padding_side`` left or right for the training batches (WMDP's collator pads left);
 - micro-batch losses are divided by the accumulation steps (the pre-4.46 HF behaviour the published
   numbers used); the last step of an epoch may have fewer micro-batches;
 - ``train_log.jsonl``: one line per optimizer step, appended and fsynced as it is written.
@@ -149,10 +151,12 @@ def _run(
     bar = tqdm(total=steps["total_steps"], desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
     step = 0
     try:
-        for epoch in range(int(cfg.epochs)):
+        for epoch in range(steps["epochs"]):
             order = epoch_order(n_anchor, cfg.seed, epoch, rank, world)
             micro = [order[i : i + cfg.per_device_batch] for i in range(0, len(order), cfg.per_device_batch)]
             for start in range(0, len(micro), ga):
+                if step >= steps["total_steps"]:  # max_steps reached inside an epoch
+                    break
                 group = micro[start : start + ga]
                 sums: dict[str, float] = {}
                 for k, idx in enumerate(group):
@@ -251,7 +255,7 @@ def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc:
     pad_id = _pad_id(tokenizer)
 
     def make_batch(idx, _gen):
-        return {"train": collate([items[i] for i in idx], pad_id, cfg.attention_mask)}
+        return {"train": collate([items[i] for i in idx], pad_id, cfg.attention_mask, cfg.padding_side)}
 
     def loss_fn(m, batch):
         part = batch["train"]
@@ -267,13 +271,13 @@ def method_uses_reference(method) -> bool:
 
 
 def method_batch(forget: Sequence[dict], retain: Sequence[dict] | None, idk: Sequence[dict] | None,
-                 pad_id: int, mask: str) -> dict:
+                 pad_id: int, mask: str, side: str = "right") -> dict:
     """The batch ``method.loss`` gets from already chosen items (each carrying ``index``, idk ones ``alt``)."""
-    batch = {"forget": collate(forget, pad_id, mask)}
+    batch = {"forget": collate(forget, pad_id, mask, side)}
     if retain:
-        batch["retain"] = collate(retain, pad_id, mask)
+        batch["retain"] = collate(retain, pad_id, mask, side)
     if idk:
-        batch["idk"] = collate(idk, pad_id, mask)
+        batch["idk"] = collate(idk, pad_id, mask, side)
     return batch
 
 
@@ -343,7 +347,7 @@ def unlearn(
             for i in idx:
                 j = int(torch.randint(0, len(idk_items[i]), (1,), generator=gen))
                 alts.append({**idk_items[i][j], "index": i, "alt": j})
-        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask)
+        return method_batch([forget[i] for i in idx], partners, alts, pad_id, mask, cfg.padding_side)
 
     def loss_fn(m, batch):
         out = method.loss(m, batch, ref_holder.get("ref"))
