@@ -47,6 +47,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="score every answer of an option set (perturbed answers) with its own full pass instead of "
                         "reusing the question's KV cache (same numbers up to float rounding; slower)")
+    p.add_argument("--attacks", metavar="NAME[,NAME]",
+                   help="score the task's forget metrics again after each attack, e.g. quant4,relearn (harness ls attacks)")
     _lm_eval_args(p)
 
 

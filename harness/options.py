@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from harness import HarnessError
 
 EVAL_BATCH_SIZE = 32  # scoring batch (the reference evaluator's)
-LIST_KINDS = ("all", "tasks", "methods", "metrics", "models", "plugins")  # what `harness ls` lists
+LIST_KINDS = ("all", "tasks", "methods", "metrics", "attacks", "models", "plugins")  # what `harness ls` lists
 LAUNCHERS = ("local", "slurm")  # --launcher: submitit's LocalExecutor or SlurmExecutor
-SLURM_TIME = "4:00:00"
+SLURM_TIME = "4:00:00"  # --slurm-time default (per array task)
 # the sweep selection keeps points whose utility is at least this fraction of the Finetuned row's
-UTILITY_FRACTION = 0.9  # --slurm-time default (per array task)
+UTILITY_FRACTION = 0.9
 ATTENTION_MASKS = ("reference", "corrected")  # reference: ids != pad as published; corrected: padding only
 TRACKER_PROJECT = "unlearn-harness"  # --tracker-project default (W&B project, MLflow experiment)
 
@@ -128,6 +128,7 @@ class ModelOptions:
     attention_mask: str = "reference"
     limit: int | None = None
     shared_prefix: bool = True  # --no-shared-prefix: one full pass per answer of an option set
+    attacks: str | None = None  # comma separated attack names (harness ls attacks)
     # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
     utility: str | None = None
     lm_eval_tasks: str | None = None
@@ -139,6 +140,8 @@ class ModelOptions:
 
     def validate(self) -> None:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
+        if self.attacks is not None:
+            items("--attacks", self.attacks)
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
         for flag, value in (("--utility", self.utility), ("--lm-eval-tasks", self.lm_eval_tasks)):
@@ -160,6 +163,11 @@ class ModelOptions:
                 "batch_size": self.lm_eval_batch_size, "apply_chat_template": self.lm_eval_chat_template}
         if self.attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"--attention-mask {self.attention_mask!r}: use one of {', '.join(ATTENTION_MASKS)}")
+
+
+def attack_names(opts: ModelOptions) -> list[str]:
+    """``--attacks`` as a list (empty when not given)."""
+    return items("--attacks", opts.attacks) if opts.attacks else []
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Plugin loading and the registry of methods, metrics and tasks.
+"""Plugin loading and the registry of methods, metrics, tasks and attacks.
 
 Load order: built-ins listed in registry.yaml, then installed entry points (group
 ``unlearn_harness``), then loose files from ``--plugins-dir``. Built-ins go through the same
@@ -49,6 +49,10 @@ class HookSpecs:
     def register_tasks(self, register):
         """Call ``register(path)`` with a task YAML file or a directory of them."""
 
+    @hookspec
+    def register_attacks(self, register):
+        """Call ``register(AttackClass)`` for each attack (a ``harness.attacks.Attack`` dataclass)."""
+
 
 @dataclass
 class PluginInfo:
@@ -66,6 +70,7 @@ class Registry:
     methods: dict[str, type] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, Any] = field(default_factory=dict)
+    attacks: dict[str, type] = field(default_factory=dict)
     sources: dict[tuple[str, str], str] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     task_errors: list[str] = field(default_factory=list)  # task files that did not load (lenient mode)
@@ -144,6 +149,17 @@ def check_method(item) -> str:
         raise BadRegistration(str(exc)) from None
 
 
+def check_attack(item) -> str:
+    """The name of a valid attack class (a ``harness.attacks.Attack`` dataclass); BadRegistration otherwise."""
+    if not (isinstance(item, type) and _in_mro(item, "harness.attacks", "Attack") and dataclasses.is_dataclass(item)):
+        raise BadRegistration(f"register_attacks registered {item!r}, not a @dataclass subclass of "
+                              "harness.attacks.Attack")
+    try:
+        return safe_name(getattr(item, "name", None), f"attack {item.__name__}.name")
+    except HarnessError as exc:
+        raise BadRegistration(str(exc)) from None
+
+
 def check_metric(item) -> str:
     if not _in_mro(type(item), "harness.metrics", "Metric"):
         raise BadRegistration(f"register_metrics registered {item!r}, not a harness.metrics.Metric "
@@ -209,6 +225,8 @@ class _Loader:
             staged.append((check_method(item), item))
         elif kind == "metrics":
             staged.append((check_metric(item), item))
+        elif kind == "attacks":
+            staged.append((check_attack(item), item))
         else:
             for f in self.task_paths(item, info):
                 try:
@@ -221,7 +239,7 @@ class _Loader:
     def register_all(self) -> Registry:
         for obj, info in self.pending:
             for hook, kind in (("register_methods", "methods"), ("register_metrics", "metrics"),
-                               ("register_tasks", "tasks")):
+                               ("register_tasks", "tasks"), ("register_attacks", "attacks")):
                 impl = getattr(obj, hook, None)
                 if impl is None or not hasattr(impl, f"{PROJECT}_impl"):
                     continue

@@ -5,9 +5,7 @@ not tasks. Unknown keys are errors with a suggestion; a file that fails to parse
 naming it, never a silent skip; mistyped fields are errors naming the file and the field, and the
 task name must be a safe path component (it names a results directory). Everything a benchmark family needs beyond its metrics is data here
 (docs/tasks.md): the export name (``benchmark``), how unlearning data is built (``training.format``,
-``training.idk``, ``data.<role>.tiny_fallback``), the report layout (``report``) and the recipe of
-``harness finetune`` (``finetune``).
-"""
+``training.idk``, ``data.<role>.tiny_fallback``), the report layout (``report``), ``harness finetune``'s recipe."""
 
 from __future__ import annotations
 
@@ -22,9 +20,10 @@ from typing import Any
 from harness import HarnessError
 from harness.io import read_yaml
 from harness.paths import safe_name
+from harness.task_attack import AttackSpec, parse_attack
 
 TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
-             "prompt", "data", "training", "methods", "metrics", "report", "finetune")
+             "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
 DATA_KEYS = ("path", "name", "split", "format")
 TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
 # obtain: where to get a split that is not on the hub (said when it is missing; WMDP's corpora)
@@ -166,6 +165,7 @@ class Task:
     obtain: dict[str, str] = field(default_factory=dict)  # role -> where to get its data (missing-data errors)
     report: ReportLayout | None = None
     finetune: FinetuneRecipe | None = None
+    attack: AttackSpec | None = None  # what --attacks scores again; in the run hash only with --attacks
 
     def __post_init__(self):
         if not self.benchmark:
@@ -311,7 +311,7 @@ def parse_task(path: Path) -> Task:
                 training=training, methods=_methods(path, doc.get("methods")),
                 metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks, obtain=obtain,
-                report=report, finetune=finetune)
+                report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data))
 
 
 # ------------------------------------------------------------------------------ field types

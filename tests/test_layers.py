@@ -11,10 +11,11 @@ from conftest import ROOT
 # floor -> module prefixes, bottom up (docs/architecture.md)
 FLOORS = [
     ("ground", ["harness", "harness.io", "harness.paths", "harness.hub", "harness.options", "harness.fingerprint"]),
-    ("registry", ["harness.plugins", "harness.tasks"]),
-    ("plugin API", ["harness.methods", "harness.losses", "harness.activations", "harness.metrics", "methods"]),
+    ("registry", ["harness.plugins", "harness.tasks", "harness.task_attack"]),
+    ("plugin API", ["harness.methods", "harness.losses", "harness.activations", "harness.metrics", "harness.attacks",
+                    "methods"]),
     ("data", ["harness.data"]),
-    ("training", ["harness.training"]),
+    ("training", ["harness.training", "harness.attacks.relearn"]),
     ("models", ["harness.models"]),
     ("scoring", ["harness.scoring"]),
     ("results", ["harness.results"]),

@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.attacks import build_attacks, describe
 from harness.io import config_hash
 from harness.models.load import check_checkpoint, load_model, load_tokenizer
 from harness.models.profiles import check_reference_placeholder, device, finalize_template, resolve_model
-from harness.options import EvalOptions, ModelOptions
+from harness.options import EvalOptions, ModelOptions, attack_names
 from harness.paths import safe_name
 from harness.plugins import get_registry
 from harness.results.identity import check_inputs, identity_config
 from harness.results.rundir import claim, is_complete, provenance, replacing, write_config
 from harness.results.tables import ARROWS, Sheet, console_value, display_name, to_plain
+from harness.scoring.attacked import check_attack_metrics
 from harness.scoring.evaluate import evaluate_task, score_rows, template_dict
 from harness.tasks import select
 
@@ -30,12 +32,15 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
     reg = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
     names = select(opts.tasks, reg.tasks, kind="task", tags_of=lambda t: t.tag, failures=reg.failures)
     check_reference_placeholder(opts.reference, len(names))
+    attacks = attack_config(opts, reg)
     plan = []
     for tname in names:  # every input of every task is checked before the first model is loaded
         task = with_lm_eval_options(reg.tasks[tname], opts)
         choice = resolve_model(opts.model, task, template_file=opts.template, reference=opts.reference,
                                retain=opts.retain_model)
         check_inputs(task, choice, opts.data_dir, reg)
+        if attacks:
+            check_attack_metrics(task, reg)
         plan.append((task, choice, identity_config(task, choice, reg, opts.data_dir)))
     loaded: dict[tuple, tuple] = {}
     dirs: dict[str, Path] = {}
@@ -55,6 +60,8 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
                   "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
                            "limit": opts.limit, "dtype": dtype, "max_length": opts.max_length},
                   "fingerprints": fingerprints}
+        if attacks:  # only then: runs without attacks keep their hashes
+            config["attacks"] = {"attacks": attacks, "task": task.attack.to_dict()}
         out = Path(opts.output) / safe_name(choice.label, "model label") / task.name / opts.name / f"{config_hash(config)}-s0"
         dirs[task.name] = out
         if is_complete(out) and not opts.overwrite:
@@ -96,21 +103,30 @@ def _report_existing(name: str, out: Path) -> None:
     _print_existing(out)
 
 
+def attack_config(opts: ModelOptions, registry) -> dict:
+    """``--attacks`` as it enters the run hash: name -> version and settings (did-you-mean on a typo)."""
+    return {a.name: describe(a) for a in build_attacks(attack_names(opts), registry)}
+
+
 def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *, out_dir: Path, dtype: str,
                identity: dict, registry=None, print_table: bool = True, trained: bool = False,
                model_path: str | None = None):
-    """The one scoring path of ``harness eval`` and ``harness run``: same settings, reference and files.
+    """The one scoring path of ``harness eval`` and ``harness run``: same settings, reference and files;
+    with ``--attacks`` the attacked copies are scored here too.
     ``trained``: the model was unlearned by ``harness run`` (``model_path``: where ``--save-model`` saved it);
     the lm-eval results file names it so."""
+    reg = registry or get_registry()
+    attacks = build_attacks(attack_names(opts), reg)
     scores = evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
                            batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
                            registry=registry, data_dir=opts.data_dir, model_label=choice.label,
                            max_length=opts.max_length, identity=identity,
                            lm_eval_run=lm_eval_run(model, choice, dtype, identity, model_path if trained else None, trained),
                            shared_prefix=getattr(opts, "shared_prefix", True),
-                           reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code})
+                           reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code},
+                           attacks=attacks, attack_seed=int(identity.get("seed", 0)),
+                           training={**task.training, **choice.training})
     if print_table:
-        reg = registry or get_registry()
         top = [n for n, _ in task.metrics]
         print(metric_table(score_rows(scores, reg, top), title=f"{task.name} ({choice.label})"))
     return scores

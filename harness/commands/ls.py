@@ -55,6 +55,10 @@ def render(what: str, pattern: str, reg) -> str:
         rows = [(n, mt.better, "yes" if mt.needs_reference else "no", mt.version, mt.description)
                 for n, mt in sorted(reg.metrics.items()) if m(n)]
         out.append(_rows("metrics", rows, ("name", "better", "reference", "version", "description")))
+    if what in ("all", "attacks"):
+        rows = [(n, cls.version, reg.sources[("attacks", n)], ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls)),
+                 cls.description) for n, cls in sorted(reg.attacks.items()) if m(n)]
+        out.append(_rows("attacks", rows, ("name", "version", "from", "settings", "description")))
     if what in ("all", "models"):
         rows = [(p.name, p.dtype, p.tokenizer or "(own)", ",".join(sorted(p.tasks)), p.description)
                 for p in get_profiles().values() if m(p.name)]
@@ -84,6 +88,9 @@ def main(opts: ListOptions) -> int:
         for metric, _ in t.metrics:
             if metric not in reg.metrics:
                 problems.append(f"{t.file}: metric '{metric}' is not registered{suggest(metric, reg.metrics)}")
+        for metric in (*t.attack.metrics, *t.attack.utility) if t.attack else ():
+            if metric not in reg.metrics:
+                problems.append(f"{t.file}: attack metric '{metric}' is not registered{suggest(metric, reg.metrics)}")
         for mname in t.methods:
             if mname not in reg.methods:
                 problems.append(f"{t.file}: methods.{mname}: no such method{suggest(mname, reg.methods)}")

@@ -17,9 +17,10 @@ from pathlib import Path
 from harness import HarnessError, __version__
 from harness.commands import sweep
 from harness.commands.job import LOG_ENV
+from harness.commands.share import check_sharing, open_trackers, share_cell
 from harness.methods import build_method, check_required
 from harness.models.profiles import ModelChoice, check_reference_placeholder, resolve_model
-from harness.options import RunOptions, tracker_names
+from harness.options import RunOptions
 from harness.plugins import get_registry, one_line
 from harness.results.rundir import claim, is_complete, replacing, run_dir, write_config
 from harness.results.state import clear_failure, record_grid, write_failure
@@ -118,10 +119,13 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
         raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
+    from harness.commands.eval import attack_config
     from harness.data.corpus import is_tiny_model, resolve_task_data
     from harness.results.identity import check_inputs, identity_config
+    from harness.scoring.attacked import check_attack_metrics
 
     peft = peft_of(opts)
+    attacks = attack_config(opts, reg)
     cells = []
     seen: dict[Path, dict] = {}
     from harness.commands.eval import with_lm_eval_options
@@ -134,6 +138,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         task, sources = resolve_task_data(choice.apply(task), opts.data_dir, tiny=is_tiny_model(choice.start))
         check_inputs(task, choice, opts.data_dir, reg)
         fingerprints = identity_config(task, choice, reg, opts.data_dir)
+        if attacks:
+            check_attack_metrics(task, reg)
         for mname, point in ((m, p) for m in methods for p in sweep.points(grid, m)):
             try:
                 method, plugin = build_cell_method(task, mname, reg, sweep.method_part(point, mname),
@@ -149,6 +155,8 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                                    "max_length": opts.max_length},
                           "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
                           "data_sources": sources, "fingerprints": fingerprints}
+                if attacks:  # only then: runs without attacks keep their hashes
+                    config["attacks"] = {"attacks": attacks, "task": task.attack.to_dict()}
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
                 if d in seen:  # two points resolving to one configuration would share (and fight over) a folder
                     raise HarnessError(f"{tname} x {mname} x seed {seed}: sweep points {_point_text(seen[d])} and "
@@ -291,51 +299,6 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
             tracker.finish()
 
 
-def open_trackers(cell: Cell, opts: RunOptions, plan: dict):
-    """``--report-to``: the run's trackers, named after its directory (main process only; else None)."""
-    names = tracker_names(opts.report_to)
-    if not names or not is_main_process():
-        return None
-    from harness.training.tracking import Trackers
-
-    return Trackers(names, run_name=cell.dir.name, log_dir=cell.dir, project=opts.tracker_project,
-                    config={**cell.config, "plan": plan, "run_dir": str(cell.dir)})
-
-
-def check_sharing(cells: list[Cell], opts: RunOptions) -> None:
-    """``--report-to`` packages and ``--push-to-hub`` (online, token, one repository per run): checked before
-    any training, so a missing package or an offline hub never surfaces after hours of work."""
-    from harness.training.tracking import check_trackers
-
-    check_trackers(tracker_names(opts.report_to))
-    if opts.push_to_hub:
-        from harness.results.hub_push import check_push
-
-        check_push([hub_repo(c, opts) for c in cells], opts.push_to_hub)
-
-
-def hub_repo(cell: Cell, opts: RunOptions) -> str:
-    from harness.results.hub_push import repo_for
-
-    return repo_for(opts.push_to_hub, task=cell.task.name, method=cell.method_name, seed=cell.seed)
-
-
-def share_cell(cell: Cell, opts: RunOptions, scores: dict) -> None:
-    """After a finished run with a saved model: its model card, then (``--push-to-hub``) the upload."""
-    model_dir = cell.dir / "model"
-    if not (model_dir / "config.json").is_file():
-        return
-    from harness.results.card import write_model_card
-
-    repo = hub_repo(cell, opts) if opts.push_to_hub else None
-    write_model_card(model_dir, scores, cell.config, repo_id=repo)
-    if repo:
-        from harness.results.hub_push import push_run
-
-        url = push_run(repo, cell.dir, private=opts.private)
-        print(f"pushed {cell.task.name} x {cell.method_name} x seed {cell.seed} to {repo}: {url}")
-
-
 def hparams(cell: Cell) -> dict:
     """What the report shows of a sweep point: lr, epochs and the method's scalar hyper-parameters."""
     out = {k: cell.train.get(k) for k in ("lr", "epochs", "batch_size")}
@@ -410,6 +373,19 @@ def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     return to_console(sheet)
 
 
+def attack_table(rows: list[tuple[str, str, int, dict]]) -> str | None:
+    """Per run and attack: each re-scored metric before (same rows) and after the attack."""
+    sheet = Sheet(["task", "method", "seed", "attack", "metric", "before", "after"])
+    for task, method, seed, sc in rows:
+        m = sc.get("metrics", {})
+        for attack, rec in (sc.get("attacks") or {}).items():
+            for name in rec.get("metrics", []):
+                before = m.get(f"attack/{attack}/before/{name}", {}).get("value")
+                after = m.get(f"attack/{attack}/{name}", {}).get("value")
+                sheet.rows.append([task, method, str(seed), attack, name, console_value(before), console_value(after)])
+    return to_console(sheet) if sheet.rows else None
+
+
 def check_grid_data(cells: list[Cell], opts: RunOptions) -> None:
     """Fail before any model work when a task's data is missing offline or cannot train."""
     from harness.data import corpus
@@ -482,6 +458,10 @@ def main(opts: RunOptions) -> int:
     if rows and is_main_process():
         print()
         print(summary_table(rows))
+        attacked = attack_table(rows)
+        if attacked:
+            print()
+            print(attacked)
     if opts.accelerate and opts.accelerate != "single":
         distributed.clean_exit(0)
     return 0

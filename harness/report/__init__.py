@@ -16,6 +16,7 @@ from pathlib import Path
 from harness import HarnessError
 from harness.io import write_json, write_text
 from harness.options import ReportOptions
+from harness.report.attacks import attack_rows, attacks_json, plot_attacks, render_attacks
 from harness.report.frontier import pareto, plot_fronts
 from harness.report.layout import Family, builtin_families
 from harness.report.load import Cell, RunScores, Stat, aggregate, build_cells, config_cells, load_runs
@@ -92,11 +93,14 @@ def main(opts: ReportOptions) -> int:
     if sweep:
         doc["sweep"] = to_records(choice_sheet(choices, args.utility_fraction))
     if fmt_name == "json":
+        doc["attacks"] = attacks_json(cells)
         text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     else:
         text = {"md": render_markdown, "csv": render_csv, "html": render_html}[fmt_name](tables, published)
         if sweep and fmt_name in ("md", "html"):
             text = text.rstrip("\n") + "\n\n" + _sweep_section(choices, args.utility_fraction, fmt_name)
+        if fmt_name == "md" and render_attacks(cells):
+            text = text.rstrip("\n") + "\n\n" + render_attacks(cells)
     output = args.output
     if output:
         if fmt_name == "json":
@@ -115,12 +119,22 @@ def main(opts: ReportOptions) -> int:
     if plot_path:
         if sweep:  # the trade-off view: every point, each method's front and its selected point
             plot_fronts(choices, points, Path(plot_path), args.utility_fraction)
+            print(f"plot written to {plot_path}")
         else:
             from harness.report.plot import with_axes
 
             with_axes(tables, args.plot_x, args.plot_y)
-            plot(tables, Path(plot_path), published)
-        print(f"plot written to {plot_path}")
+            attacked = attack_rows(cells)
+            try:
+                plot(tables, Path(plot_path), published)
+                print(f"plot written to {plot_path}")
+            except HarnessError:
+                if not attacked:
+                    raise
+            if attacked:
+                p = Path(plot_path)
+                done = plot_attacks(cells, p.with_name(f"{p.stem}_attacks{p.suffix or '.png'}"))
+                print(f"attack plot (before vs after) written to {done}")
     return 0
 
 

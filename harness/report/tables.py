@@ -27,6 +27,9 @@ class Table:
     published_files: tuple[str, ...] = ()
 
 
+ATTACK = "attack/"  # attack/<name>/<metric>: the attack section's, not a column of the main tables
+
+
 def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table]:
     """One table per (benchmark, model) for tasks with a report layout (their column groups in the
     family's ``split_order``); a task without one gets a table of its own with every metric it reported."""
@@ -41,12 +44,12 @@ def build_tables(cells: list[Cell], published: dict | None = None) -> list[Table
             split_of = {c.task: c.family.layout.split for c in group}
             rank = {s: i for i, s in enumerate(layout.split_order)}
             splits = sorted(split_of.items(), key=lambda ts: (rank.get(ts[1], len(rank)), ts[1], ts[0]))
-            metrics = list(layout.columns) or sorted({m for c in group for m in c.stats})
+            metrics = list(layout.columns) or sorted({m for c in group for m in c.stats if not m.startswith(ATTACK)})
             # utility columns (lm-eval "<task>/<metric>" values, e.g. --utility mmlu) join the headline ones
-            metrics += sorted({m for c in group for m in c.stats if "/" in m} - set(metrics))
+            metrics += sorted({m for c in group for m in c.stats if "/" in m and not m.startswith(ATTACK)} - set(metrics))
         else:  # a task of its own (plugin or --include-tasks): one group, every metric it reported
             splits = [(bench_name, bench_name)]
-            metrics = sorted({m for c in group for m in c.stats})
+            metrics = sorted({m for c in group for m in c.stats if not m.startswith(ATTACK)})
         better: dict[str, str] = {}
         for c in group:
             better.update(c.better)

@@ -77,7 +77,8 @@ class EvalContext:
                  attention_mask: str = "reference", limit: int | None = None, progress: bool = True,
                  registry=None, data_dir=None, share: bool = True, sort: bool = True,
                  reference_options: dict | None = None, label: str = "target", max_length: int | None = None,
-                 resolve_reference=None, timings: list | None = None, shared_prefix: bool = True):
+                 resolve_reference=None, timings: list | None = None, shared_prefix: bool = True,
+                 subset: dict[str, list[int]] | None = None):
         if attention_mask not in ATTENTION_MASKS:
             raise HarnessError(f"attention_mask must be one of {ATTENTION_MASKS}, got {attention_mask!r}")
         if batch_size < 1:
@@ -96,6 +97,8 @@ class EvalContext:
         self.shared_prefix = shared_prefix  # option sets: one pass over the question, reused per answer
         self.label = label  # names the model in progress bars
         self.max_length = max_length  # --max-length: caps every source's max_length
+        # role -> row indices (after --limit) scored instead of all rows: the held-out rows of an attack
+        self.subset = {k: list(v) for k, v in (subset or {}).items()} or None
         self._registry = registry
         self._reference_spec = reference
         self._reference = None
@@ -141,7 +144,10 @@ class EvalContext:
 
             with self._timed("data", role):
                 rows = load_split(self.task.data_spec(role), self.data_dir)
-            self._rows[role] = rows[: self.limit] if self.limit else rows
+            rows = rows[: self.limit] if self.limit else rows
+            if self.subset and role in self.subset:
+                rows = [rows[i] for i in self.subset[role]]
+            self._rows[role] = rows
         return self._rows[role]
 
     def _tqdm(self, total: int, desc: str):

@@ -75,31 +75,40 @@ def sample_rows(scores: dict[str, Score]):
 
 def write_outputs(out_dir: Path, task, scores: dict[str, Score], registry, top: list[str], *,
                   model_label: str, partial: bool, settings: dict, identity: dict | None = None,
-                  lm_eval: dict | None = None) -> None:
+                  lm_eval: dict | None = None, attacks=()) -> None:
     """samples.jsonl, <BENCH>_EVAL.json, <BENCH>_SUMMARY.json, results_<time>.json (lm-eval's layout; ``lm_eval``:
-    its run details, see ``lmeval_results``), then scores.json (completion marker)."""
+    its run details, see ``lmeval_results``), then scores.json (completion marker).
+    ``attacks``: ``AttackOutcome``s; their scores go to the open-unlearning exports, samples.jsonl and
+    scores.json as ``attack/<name>/<metric>`` (after the attack; ``attack/<name>/before/<metric>``: the
+    un-attacked model on the same rows, scores.json only); the lm-eval file keeps the model's own metrics."""
     out_dir = Path(out_dir)
     bench = safe_name(task.benchmark, f"task '{task.name}' benchmark")
-    write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows(scores)))
+    after = {f"attack/{o.name}/{n}": s for o in attacks for n, s in o.after.items()}
+    before = {f"attack/{o.name}/before/{n}": s for o in attacks for n, s in o.before.items()}
+    write_jsonl(out_dir / "samples.jsonl", (_plain(r) for r in sample_rows({**scores, **after})))
     if own_export(scores) or not any(s.exports for s in scores.values()):
-        write_json(out_dir / f"{bench}_EVAL.json", eval_log(scores), indent=4, sort_keys=True)
-        write_json(out_dir / f"{bench}_SUMMARY.json", summary(scores, top), indent=4, sort_keys=True)
+        write_json(out_dir / f"{bench}_EVAL.json", eval_log({**scores, **after}), indent=4, sort_keys=True)
+        write_json(out_dir / f"{bench}_SUMMARY.json", summary({**scores, **after}, [*top, *after]), indent=4,
+                   sort_keys=True)
     for n, s in scores.items():
         for fname, doc in s.exports.items():
             write_json(out_dir / safe_name(fname, f"metric '{n}' export file"), _plain(doc), indent=4, sort_keys=True)
     metrics = {}
-    for n, s, parent in flat_scores(scores):
-        m = registry.metrics.get(parent)
+    for n, s, parent in flat_scores({**scores, **after, **before}):
+        m = registry.metrics.get(parent.rsplit("/", 1)[-1] if parent.startswith("attack/") else parent)
         metrics[n] = {**_metric_value(s.value), "better": s.better or getattr(m, "better", None),
                       "version": getattr(m, "version", None), "top_level": parent in top}
         if s.stderr is not None or parent != n:
             metrics[n]["stderr"] = _plain(s.stderr)
         if parent != n:
             metrics[n]["part_of"] = parent
+    if attacks:
+        identity = {**(identity or {}), "attacks": {o.name: _plain(o.record()) for o in attacks}}
     lm = dict(lm_eval or {})
     run = {"model_name": model_label, "batch_size": settings.get("batch_size"), "limit": settings.get("limit"),
            **lm.pop("run", {})}
-    write_lm_eval(out_dir, lm_eval_results(task, metrics, run=run, partial=partial,
+    own = {n: v for n, v in metrics.items() if not n.startswith("attack/")}
+    write_lm_eval(out_dir, lm_eval_results(task, own, run=run, partial=partial,
                                            n_samples=n_samples_of(scores), **lm))
     # benchmark + report layout make a results tree self-describing: `harness report` needs no task registry
     layout = {"benchmark": task.benchmark}

@@ -76,6 +76,13 @@ class RetainReference:
         if not vbi:
             raise HarnessError(f"{where}: '{key}' has no per-sample values (value_by_index); forget_quality "
                                "needs the retain model's *_EVAL.json, not a summary")
+        subset = self._ctx.subset if (self.kind == "log" and self._ctx is not None) else None
+        if subset:  # held-out rows of an attack: the log's values of exactly those rows (all roles share them)
+            rows = next(iter(subset.values()))
+            missing = [i for i in rows if str(i) not in vbi and i not in vbi]
+            if missing:
+                raise HarnessError(f"{where}: '{key}' has no values for rows {missing[:5]} of the held-out rows")
+            vbi = {str(i): vbi.get(str(i), vbi.get(i)) for i in rows}
         out = []
         for idx in sorted(vbi, key=int):
             v = vbi[idx]
@@ -84,6 +91,8 @@ class RetainReference:
         own = self._ctx.scores.get(key) if (self.kind == "log" and self._ctx is not None) else None
         if own is not None and own.per_sample:
             mine, theirs = {int(i) for i in own.per_sample}, {int(i) for i in vbi}
+            if subset:
+                theirs = set(range(len(theirs)))  # the context numbers the held-out rows 0..k-1
             if not mine <= theirs or (self._ctx.limit is None and mine != theirs):
                 raise HarnessError(f"{where}: '{key}' has {len(theirs)} samples but task '{self._ctx.task.name}' "
                                    f"scored {len(mine)} rows{' (--limit)' if self._ctx.limit else ''}: the log is "
@@ -120,7 +129,7 @@ class RetainReference:
                            batch_size=ctx.batch_size, attention_mask=ctx.attention_mask, limit=ctx.limit,
                            progress=ctx.progress, registry=ctx.registry, data_dir=ctx.data_dir,
                            label="reference", resolve_reference=None, timings=ctx.timings,
-                           shared_prefix=ctx.shared_prefix)
+                           shared_prefix=ctx.shared_prefix, subset=ctx.subset)
         if ctx.registry.metrics.get(key) is not None and ctx.registry.metrics[key].needs_reference:
             raise HarnessError(f"metric '{key}' cannot be scored on the reference model itself (it needs a reference)")
         rctx.score(key)
@@ -268,7 +277,7 @@ def reference_cache_key(model_path: str, ctx) -> str:
         tmpl = vars(tmpl) if tmpl is not None else None
     cfg = {"model": model_content_hash(model_path), "task": ctx.task.to_config(), "template": tmpl,
            "tokenizer": tokenizer_fingerprint(ctx.tokenizer), "attention_mask": ctx.attention_mask,
-           "limit": ctx.limit, "dtype": ctx._reference_options.get("dtype"), "scoring_version": SCORING_VERSION,
+           "limit": ctx.limit, **({"subset": ctx.subset} if ctx.subset else {}), "dtype": ctx._reference_options.get("dtype"), "scoring_version": SCORING_VERSION,
            "metric_versions": {n: m.version for n, m in sorted(reg.metrics.items())}}
     return config_hash(cfg, n=16)
 
