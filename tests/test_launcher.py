@@ -4,9 +4,11 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
-from conftest import cheap_task_yaml, run_cli
+from conftest import cheap_task_yaml
 
 from harness.cli import parse_options
 from harness.commands import run as runner
@@ -32,10 +34,19 @@ def argv(tasks, out, *extra):
             "-o", out, *TRAIN, *extra]
 
 
+def cli_process(*args, check=True):
+    """The CLI in its own process, as run_cli returns it (rc, stdout, stderr): the launcher starts jobs and
+    reads what they leave behind, so its tests do not share pytest's process state with earlier tests."""
+    proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=600)
+    assert proc.returncode == 0 or not check, f"harness {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def test_local_launcher_runs_a_two_cell_grid_and_a_rerun_submits_nothing(tasks, tmp_path):
     out = tmp_path / "res"
     sweep = ["--lr", "1e-3,2e-3", "--launcher", "local", "--slurm-array-parallelism", "2"]
-    _, stdout, _ = run_cli(*argv(tasks, out, *sweep))
+    _, stdout, _ = cli_process(*argv(tasks, out, *sweep))
     assert "2 cell(s): 0 done, 0 running, 0 failed, 2 missing; submitting 2" in stdout
     cells = sorted((out / "tiny_full" / "t16_launch" / "grad_ascent").glob("*-s0"))
     assert len(cells) == 2 and all(is_complete(c) for c in cells)
@@ -45,10 +56,10 @@ def test_local_launcher_runs_a_two_cell_grid_and_a_rerun_submits_nothing(tasks, 
     assert len(logs) == 2 and all("--cell=tiny_full/t16_launch/grad_ascent/" in p.read_text() for p in logs)
     # each job ran under submitit (its own folder of job files), not in this process
     assert len(list((out / ".harness" / "submitit").glob("*/*_result.pkl"))) == 2
-    _, stdout, _ = run_cli(*argv(tasks, out, *sweep))
+    _, stdout, _ = cli_process(*argv(tasks, out, *sweep))
     assert "2 cell(s): 2 done, 0 running, 0 failed, 0 missing; submitting 0" in stdout
     assert "nothing to submit" in stdout
-    _, status, _ = run_cli("status", out)
+    _, status, _ = cli_process("status", out)
     assert status.splitlines()[0].endswith("3 cell(s): 3 done, 0 running, 0 failed, 0 missing")  # + Finetuned row
 
 
@@ -69,9 +80,9 @@ def test_status_lists_done_running_failed_missing_and_a_rerun_submits_only_those
         runner.run_cell(failed, opts)  # the real failure path: the cell records why
     with claim(claimed.dir) as mine:
         assert mine
-        _, text, _ = run_cli("status", out)
+        _, text, _ = cli_process("status", out)
         # a rerun leaves out the done cell and the one another process holds
-        _, sub, _ = run_cli(*argv(tasks, out, "--lr", "1e-3,2e-3,3e-3,4e-3", "--launcher", "slurm"), check=False)
+        _, sub, _ = cli_process(*argv(tasks, out, "--lr", "1e-3,2e-3,3e-3,4e-3", "--launcher", "slurm"), check=False)
     lines = text.splitlines()
     assert lines[0].endswith("4 cell(s): 1 done, 1 running, 1 failed, 1 missing")
     assert f"done     {runner.rel(done, out)}" in lines
@@ -94,7 +105,7 @@ def test_slurm_launcher_submits_one_array_with_the_flags(tasks, tmp_path, monkey
         p.chmod(p.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "res"
-    _, stdout, _ = run_cli(*argv(tasks, out, "--lr", "1e-3,2e-3,3e-3", "--launcher", "slurm", "--slurm-partition",
+    _, stdout, _ = cli_process(*argv(tasks, out, "--lr", "1e-3,2e-3,3e-3", "--launcher", "slurm", "--slurm-partition",
                                  "gpu", "--slurm-gpus-per-node", "2", "--slurm-time", "1:30:00",
                                  "--slurm-array-parallelism", "2", "--slurm-setup", "source /venv/bin/activate"))
     assert "submitted Slurm job array 4242: 3 task(s)" in stdout
@@ -103,19 +114,19 @@ def test_slurm_launcher_submits_one_array_with_the_flags(tasks, tmp_path, monkey
                  "#SBATCH --time=90", "#SBATCH --ntasks-per-node=1", "source /venv/bin/activate"):
         assert line in script
     assert not (out / "tiny_full").exists()  # nothing ran here
-    _, status, _ = run_cli("status", out)
+    _, status, _ = cli_process("status", out)
     assert status.splitlines()[0].endswith("3 cell(s): 0 done, 0 running, 0 failed, 3 missing")
 
 
 def test_slurm_launcher_without_slurm_is_one_line(tasks, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun / sbatch
-    rc, _, err = run_cli(*argv(tasks, tmp_path / "res", "--launcher", "slurm"), check=False)
+    rc, _, err = cli_process(*argv(tasks, tmp_path / "res", "--launcher", "slurm"), check=False)
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "--launcher slurm" in err and "srun" in err and "--launcher local" in err
 
 
 def test_status_of_a_folder_without_cells(tmp_path):
-    rc, _, err = run_cli("status", tmp_path, check=False)
+    rc, _, err = cli_process("status", tmp_path, check=False)
     assert rc == 2 and "no cells under" in err
 
 
@@ -131,5 +142,5 @@ def test_a_job_that_dies_before_its_cell_starts_is_recorded_failed(tmp_path, mon
     fail = read_failure(out / rel)
     assert fail["error"].startswith("exit code 2; last output: error: ") and "no_such_task" in fail["error"]
     assert fail["log"] == str(log_path(out, rel))
-    _, text, _ = run_cli("status", out)
+    _, text, _ = cli_process("status", out)
     assert f"failed   {rel}" in text.splitlines()
