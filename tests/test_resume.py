@@ -140,7 +140,12 @@ def test_kill_interrupt_and_concurrent_resume(tmp_path, tiny_full_dir):
                          capture_output=True, text=True, timeout=120)
     assert pip.returncode == 0, pip.stderr
     path = [str(ROOT), str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    # without the RANK/LOCAL_RANK/MASTER_PORT/ACCELERATE_USE_DEEPSPEED an earlier in-process ZeRO-3 test left
+    # in this process: the children would believe they run under a launcher and share one port (EADDRINUSE
+    # when two run at once)
+    launcher_env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_env and not k.startswith("ACCELERATE_")},
+           "PYTHONPATH": os.pathsep.join(path)}
     # SIG_DFL in the child: a shell job started with `&` ignores SIGINT and its children inherit that,
     # which would make Python skip installing its KeyboardInterrupt handler
     popen = lambda: subprocess.Popen(_cmd(tasks, out), env=env, stdout=subprocess.PIPE,  # noqa: E731

@@ -86,7 +86,8 @@ class Trackers:
 
     TensorBoard writes to ``<log_dir>/tensorboard/<run_name>/``, W&B its run directory under
     ``<log_dir>/wandb/`` (``WANDB_MODE=offline`` works without network); MLflow follows
-    ``MLFLOW_TRACKING_URI`` (default ``./mlruns``) with ``project`` as the experiment.
+    ``MLFLOW_TRACKING_URI`` (unset: mlflow's default store, ``./mlflow.db`` with mlflow 3) with ``project`` as
+    the experiment.
     """
 
     def __init__(self, names: list[str], *, run_name: str, log_dir: Path, project: str = DEFAULT_PROJECT,
