@@ -75,11 +75,11 @@ def run_attacks(attacks, model, main_scores: dict[str, Score], make_ctx: Callabl
         out = AttackOutcome(attack.name, desc["version"], desc["settings"], attacked.info, names)
         subset = attacked.heldout or None
         after = make_ctx(attacked.model, subset, f"{attack.name} attacked")
-        _score(after, forget + utility)
+        score_in_eval_mode(after, forget + utility)
         out.after = {n: after.scores[n] for n in names}
         if subset:
             before = make_ctx(model, subset, f"{attack.name} before")
-            _score(before, forget)
+            score_in_eval_mode(before, forget)
             out.before = {n: before.scores[n] for n, _ in forget}
             out.before.update({n: main_scores[n] for n, _ in utility})
         else:
@@ -91,7 +91,8 @@ def run_attacks(attacks, model, main_scores: dict[str, Score], make_ctx: Callabl
     return outcomes
 
 
-def _score(ctx, wanted) -> None:
+def score_in_eval_mode(ctx, wanted) -> None:
+    """Score ``wanted`` ((name, args) pairs) on ``ctx`` with its model in eval mode, restoring the mode after."""
     model = ctx.model
     was_training = model.training
     model.eval()

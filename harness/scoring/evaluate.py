@@ -13,7 +13,7 @@ from harness.attacks import AttackInput
 from harness.metrics import Score
 from harness.options import EVAL_BATCH_SIZE
 from harness.scoring.attacked import flat_scores as attack_scores
-from harness.scoring.attacked import run_attacks
+from harness.scoring.attacked import run_attacks, score_in_eval_mode
 from harness.scoring.context import EvalContext, missing_reference_error
 from harness.scoring.export import write_outputs
 from harness.scoring.reference import resolve_reference
@@ -75,13 +75,7 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                                "see `harness ls metrics`")
         if reg.metrics[name].needs_reference and reference is None:
             raise missing_reference_error(task.name, name)
-    was_training = model.training
-    model.eval()
-    try:
-        for name, args in wanted:
-            ctx.score(name, **args)
-    finally:
-        model.train(was_training)
+    score_in_eval_mode(ctx, wanted)
     top = [n for n, _ in wanted]
     outcomes = []
     if attacks:
