@@ -61,7 +61,7 @@ def test_tofu_published_grid():
         for method in ["grad_ascent", "grad_diff", "idk_dpo", "npo", "simnpo"]
     )
     for a in runs:  # the published hyper-parameters
-        assert (a.lr, a.epochs, a.train_batch_size, a.per_device_batch) == (1e-5, 10, 32, 4)
+        assert (float(a.lr), float(a.epochs), a.train_batch_size, a.per_device_batch) == (1e-5, 10, 32, 4)
         assert (a.accelerate, a.optimizer, a.gradient_checkpointing) == ("zero3", "paged_adamw_32bit", True)
         assert (a.seeds, a.output, a.set) == ("0", "results", [])
     assert Counter((a.model, a.tasks, a.name, retain) for a, retain in evals) == Counter(
@@ -83,7 +83,7 @@ def test_muse_published_grid():
         for m in ["grad_ascent", "grad_diff", "npo", "simnpo"]
     }
     for a in runs:
-        assert (a.lr, a.epochs, a.train_batch_size, a.per_device_batch) == (1e-5, 10, 64, 4)
+        assert (float(a.lr), float(a.epochs), a.train_batch_size, a.per_device_batch) == (1e-5, 10, 64, 4)
         assert (a.accelerate, a.optimizer) == ("zero3", "paged_adamw_32bit")
     assert {(a.tasks, a.name) for a in evals} == {
         (f"muse_{s}", n) for s in ["news", "books"] for n in ["finetuned", "retain"]
@@ -173,7 +173,7 @@ def test_methods_option_accepts_the_new_methods(path, published):
     for a in runs:
         assert a.accelerate == "zero3" and a.optimizer == "paged_adamw_32bit" and a.per_device_batch == 4
         if a.methods == "npo":
-            assert (a.lr, a.epochs) == (1e-5, published)
+            assert (float(a.lr), float(a.epochs)) == (1e-5, published)  # flags stay text (sweep lists)
         else:
             assert (a.lr, a.epochs) == (None, None)
     default = {parse(w).methods for w in grid(path) if w[0] == "run"}
