@@ -111,8 +111,13 @@ def test_finetune_verb_builds_a_checkpoint(tmp_path):
         finetune_main(dataclasses.replace(args, split="retain42"))
 
 
-def test_relaunch_commands():
+def test_relaunch_commands(monkeypatch):
     from harness.training.distributed import CONFIG_DIR, launch_command, relaunch
+
+    # an earlier in-process one-process ZeRO-3 test leaves LOCAL_RANK/RANK in this process's environment,
+    # which reads as "already under a launcher"
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HARNESS_LAUNCHED"):
+        monkeypatch.delenv(k, raising=False)
 
     assert relaunch(["run", "-t", "x"], "single") == -1
     cmd, env = launch_command(["run", "-t", "tofu_forget01"], "zero3", num_processes=2)
