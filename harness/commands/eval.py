@@ -122,7 +122,7 @@ def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *,
                            registry=registry, data_dir=opts.data_dir, model_label=choice.label,
                            max_length=opts.max_length, identity=identity,
                            lm_eval_run=lm_eval_run(model, choice, dtype, identity, model_path if trained else None, trained),
-                           shared_prefix=getattr(opts, "shared_prefix", True),
+                           shared_prefix=opts.shared_prefix,
                            reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code},
                            attacks=attacks, attack_seed=int(identity.get("seed", 0)),
                            training={**task.training, **choice.training})
