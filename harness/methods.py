@@ -35,7 +35,8 @@ class Method:
       log-probs once and releases the frozen copy before training; for ``uses_idk`` methods the copy
       stays to memoise each drawn idk pair once (there are ~100 idk answers per question, too many to
       precompute). ``ref.logits`` is an error.
-    - ``"model"``: also ``ref.logits(part)`` of the live frozen model (KL retain terms); kept throughout.
+    - ``"model"``: also ``ref.logits(part)`` of the live frozen model (KL retain terms); kept throughout,
+      and log-probs are computed on first use (memoised) rather than precomputed.
 
     When a hyper-parameter changes the need (``retain_loss_type="KL"``), override ``reference_needed()``;
     core reads only ``reference_of(method)``, which calls it.
@@ -80,6 +81,11 @@ class Method:
     def log_state(self) -> dict[str, float]:
         """State to log after each optimizer step (train_log.jsonl, next to the loss parts). Default: none."""
         return {}
+
+    def epoch_end(self, model, batches) -> None:
+        """Called by core after every epoch (``run.epoch`` is still that epoch), in eval mode without grad:
+        ``batches()`` iterates a fresh pass over this rank's training batches of the epoch (retain partners
+        drawn anew), for state updated once per epoch (PDU's ``dual_update_upon="epoch"``). Default: nothing."""
 
     def loss(self, model, batch, ref):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -137,10 +137,14 @@ def test_reference_logprobs_forbids_live_logits(tok, data):
 
 def test_reference_model_keeps_the_live_frozen_model(tok, data):
     info = _unlearn(tok, data, _probe("model")()).info
-    # 4 precompute forwards + one live-logits forward per micro-batch (2 epochs x 4)
+    # the 4 forget log-probs on first use (memoised, not precomputed) + one live-logits forward per
+    # micro-batch (2 epochs x 4)
     assert (info["reference"], info["reference_forwards"], info["reference_released"]) == ("model", 12, False)
     kl = _unlearn(tok, data, build_method(METHODS["npo"], {"retain_loss_type": "KL"})).info
     assert (kl["reference"], kl["reference_forwards"], kl["reference_released"]) == ("model", 12, False)
+    # a live-reference method that never asks for log-probs runs only its teacher forwards (no precompute)
+    undial = _unlearn(tok, data, METHODS["undial"]()).info
+    assert (undial["reference"], undial["reference_forwards"]) == ("model", 8)
 
 
 def test_idk_methods_with_logprobs_keep_the_copy_for_drawn_pairs(tok, data):

@@ -278,6 +278,46 @@ def test_pdu_dual_updates_every_micro_batch_under_gradient_accumulation(tok, dat
     assert dual != pytest.approx(max(0.0, 1.0 + 0.5 * (sum(r for e, r in seen if e >= 1) / 4 - 0.3)), rel=1e-3)
 
 
+def _hand_token_mean_nll(model, part):
+    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    labels = part["labels"][:, 1:]
+    valid = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return float(-(picked * valid).sum() / valid.sum())
+
+
+@pytest.mark.parametrize("warmup", [1, 2])
+def test_pdu_epoch_dual_update_is_one_step_per_epoch_from_a_no_grad_pass(tok, data, tmp_path, warmup):
+    forget, retain, _ = data
+    pdu = METHODS["pdu"](retain_loss_eps=0.3, alpha=1.0, dual_step_size=0.5, dual_warmup_epochs=warmup,
+                         dual_update_upon="epoch")
+    passes = []
+    epoch_end = pdu.epoch_end
+
+    def recording(model, batches):  # the pass core hands the method, redone here by hand
+        seen = list(batches())
+        assert not model.training and not torch.is_grad_enabled()
+        passes.append((pdu._run.epoch, pdu._dual, [_hand_token_mean_nll(model, b["retain"]) for b in seen]))
+        epoch_end(model, lambda: iter(seen))
+
+    pdu.epoch_end = recording
+    unlearn(tiny_llama(tok), tok, pdu, forget, retain, _cfg(epochs=2, per_device_batch=1), out_dir=tmp_path)
+    rows = read_jsonl(tmp_path / "train_log.jsonl")
+    assert [(e, len(nll)) for e, _, nll in passes] == [(0, 4), (1, 4)]  # one pass of 4 micro-batches per epoch
+    dual = 1.0
+    for epoch, before, nll in passes:
+        assert before == pytest.approx(dual, rel=1e-6)  # the micro-batches never moved it
+        if epoch + 1 >= warmup:  # epochs done reach the warm-up (the reference's on_epoch_end)
+            dual = max(0.0, dual + 0.5 * (sum(nll) / len(nll) - 0.3))
+    assert rows[0]["retain_preference"] == 1.0
+    # the step after epoch 0's end logs what that end made of it (unchanged under a 2-epoch warm-up)
+    assert rows[1]["retain_preference"] == pytest.approx(passes[1][1], rel=1e-12)
+    assert (rows[1]["retain_preference"] != 1.0) == (warmup == 1)
+    assert pdu.log_state()["retain_preference"] == pytest.approx(dual, rel=1e-6)
+    assert dual != 1.0
+
+
 # ------------------------------------------------------------------------------------ task defaults
 
 

@@ -92,12 +92,14 @@ def _run(
     trainable: list[str] | None = None,
     state=None,
     tracker=None,
+    epoch_end: Callable[[Any, Callable], None] | None = None,
 ):
     """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model).
 
     ``trainable``: regexes of the only parameters the optimizer updates (all get gradients). ``state``: the
     method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``.
-    ``tracker``: a ``harness.training.tracking.Trackers`` (main process only) that gets every log row."""
+    ``tracker``: a ``harness.training.tracking.Trackers`` (main process only) that gets every log row.
+    ``epoch_end(model, batches)``: called after every epoch in eval mode without grad (``Method.epoch_end``)."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -199,6 +201,15 @@ def _run(
                 log.write(row)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 bar.update(1)
+            if epoch_end is not None:
+                def batches(micro=micro):  # the epoch's micro-batches again, partners drawn anew
+                    for idx in micro:
+                        yield {name: _to(part, acc.device) for name, part in make_batch(idx, gen).items()}
+
+                model.eval()
+                with torch.no_grad():
+                    epoch_end(model, batches)
+                model.train()
     except BaseException:
         dist_utils.release(acc)  # a later model load must not come out ZeRO-3 partitioned
         raise
@@ -329,7 +340,8 @@ def unlearn(
       ``cfg.peft`` the trained model itself with its adapter disabled (no copy). What is
       kept follows ``reference_of(method)`` only: ``"none"`` makes no copy and ``ref`` is ``None``;
       ``"logprobs"`` precomputes the forget set's log-probs and releases the copy before training (kept
-      for idk methods, whose drawn idk pairs are memoised as they come); ``"model"`` keeps it live.
+      for idk methods, whose drawn idk pairs are memoised as they come); ``"model"`` keeps it live and
+      memoises log-probs on first use instead (RMU and UNDIAL never ask for them).
     - ``cache_reference``: memoise reference sequence log-probs; ``False`` recomputes every call (and so
       keeps the frozen model). ``info["reference_forwards"]`` counts the reference forwards run.
     - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result;
@@ -405,7 +417,9 @@ def unlearn(
         start_ref = None  # StartModel holds the only reference, so releasing it frees the copy
         ref = StartModel(ref_net, cache=cache_reference, keep_model=kind == "model" or uses_idk,
                          allow_logits=kind == "model", accelerator=acc, disable_adapter=through_adapter)
-        for name, items in {"forget": forget, **extra}.items():
+        # A live reference answers log-probs on demand (memoised); precomputing them would be wasted on
+        # the methods that never ask (RMU, UNDIAL, KL retain terms).
+        for name, items in ({"forget": forget, **extra} if kind != "model" else {}).items():
             ref.precompute(items, name, pad_id=pad, batch_size=cfg.per_device_batch, mask=mask)
         if cache_reference:
             ref.release_model()
@@ -422,7 +436,7 @@ def unlearn(
     result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
                   out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
                   after_prepare=after_prepare_all, save_dir=save_dir, trainable=trainable_patterns(method),
-                  state=(run_state, log_state), tracker=tracker)
+                  state=(run_state, log_state), tracker=tracker, epoch_end=getattr(method, "epoch_end", None))
     result.info["method_seed"] = cfg.seed  # the method's generator is harness.methods.method_generator(seed)
     if run_state.records:
         result.info["method_records"] = dict(run_state.records)
