@@ -9,7 +9,6 @@ task name must be a safe path component (it names a results directory). Everythi
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import math
 import re
@@ -21,6 +20,11 @@ from harness import HarnessError
 from harness.io import read_yaml
 from harness.paths import safe_name
 from harness.task_attack import AttackSpec, parse_attack
+from harness.task_fields import check_keys as _check_keys
+from harness.task_fields import kind as _kind
+from harness.task_fields import str_list as _str_list
+from harness.task_fields import suggest  # noqa: F401  (re-exported: the did-you-mean every layer uses)
+from harness.task_fields import training as _training
 
 TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
              "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
@@ -65,22 +69,6 @@ class ResolvedSpec(DataSpec):
     ``hub``, ``bundled:<file under harness/bundled>`` or ``data_dir:<file under --data-dir>``."""
 
     source: str = ""
-
-
-def _check_keys(where: str, doc, allowed) -> None:
-    if not isinstance(doc, dict):
-        raise HarnessError(f"{where}: expected a mapping, got {type(doc).__name__}")
-    for k in doc:
-        if k not in allowed:
-            raise HarnessError(f"{where}: unknown key '{k}'{suggest(str(k), allowed)}; valid keys: {', '.join(allowed)}")
-
-
-def _str_list(where: str, value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise HarnessError(f"{where}: expected a list of names, got {value!r}")
-    return tuple(value)
 
 
 @dataclass
@@ -207,11 +195,6 @@ def _default_benchmark(name: str, tags: list[str]) -> str:
     return (tags[0] if tags else name).upper()
 
 
-def suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _load_yaml(path: Path) -> dict:
     doc = read_yaml(path, what="task file")
     if doc is None:
@@ -278,7 +261,7 @@ def parse_task(path: Path) -> Task:
         if fb is not None:
             _check_keys(f"{path}: data.{role}.tiny_fallback", fb, DATA_KEYS)
             fallbacks[role] = DataSpec(str(fb.get("path", spec["path"])), fb.get("name"), fb.get("split", "train"))
-    training = _training(path, doc.get("training"))
+    training = _training(path, doc.get("training"), keys=TRAINING_KEYS)
     train_format = training.pop("format", "qa")
     if train_format not in FORMATS:
         raise HarnessError(f"{path}: training.format: {train_format!r} is not one of {', '.join(FORMATS)}")
@@ -315,11 +298,7 @@ def parse_task(path: Path) -> Task:
 
 
 # ------------------------------------------------------------------------------ field types
-# Each check names the file and the field; values are kept as written (they enter the run hash).
-
-def _kind(v) -> str:
-    return "null" if v is None else type(v).__name__
-
+# Each check names the file and the field (harness.task_fields has the shared ones).
 
 def _tags(path: Path, raw) -> list[str]:
     if raw is None:
@@ -367,73 +346,6 @@ def _metrics(path: Path, raw) -> list[tuple[str, dict]]:
         else:
             raise HarnessError(f"{path}: each metrics entry must be a name or {{name: ..., <args>}}, got {m!r}")
     return metrics
-
-
-def _number(path: Path, key: str, v, *, integer: bool = False, positive: bool = True) -> None:
-    field_ = f"{path}: training.{key}"
-    if isinstance(v, str):
-        hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if "e" in v.lower() and _parses_as_float(v) else ""
-        raise HarnessError(f"{field_} must be a number, got the string {v!r}{hint}")
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise HarnessError(f"{field_} must be a number, got {v!r} ({_kind(v)})")
-    if not math.isfinite(v):
-        # the wording of run's check of flags and profiles, so every source reads the same
-        raise HarnessError(f"training.{key} must be a finite number, got {v} (from {path})")
-    if integer and v != int(v):
-        raise HarnessError(f"{field_} must be a whole number, got {v}")
-    if positive and v <= 0:
-        raise HarnessError(f"{field_} must be positive, got {v}")
-    if v < 0:
-        raise HarnessError(f"{field_} must not be negative, got {v}")
-
-
-def _parses_as_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _flag(path: Path, key: str, v) -> None:
-    if not isinstance(v, bool):
-        raise HarnessError(f"{path}: training.{key} must be true or false, got {v!r} ({_kind(v)})")
-
-
-def _word(path: Path, key: str, v) -> None:
-    if not isinstance(v, str) or not v:
-        raise HarnessError(f"{path}: training.{key} must be a name (string), got {v!r} ({_kind(v)})")
-
-
-TRAINING_CHECKS = {
-    "lr": lambda p, k, v: _number(p, k, v),
-    "epochs": lambda p, k, v: _number(p, k, v, integer=True),
-    "batch_size": lambda p, k, v: _number(p, k, v, integer=True),
-    "per_device_batch": lambda p, k, v: _number(p, k, v, integer=True),
-    "max_length": lambda p, k, v: _number(p, k, v, integer=True),
-    "warmup_epochs": lambda p, k, v: _number(p, k, v, positive=False),
-    "weight_decay": lambda p, k, v: _number(p, k, v, positive=False),
-    "max_grad_norm": lambda p, k, v: _number(p, k, v, positive=False),  # 0 = no clipping
-    "max_steps": lambda p, k, v: _number(p, k, v, integer=True),
-    "schedule": _word,
-    "optimizer": _word,
-    "padding_side": _word,
-    "gradient_checkpointing": _flag,
-}
-
-
-def _training(path: Path, raw, *, where: str = "training", keys: tuple[str, ...] = TRAINING_KEYS) -> dict[str, Any]:
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise HarnessError(f"{path}: field '{where}' must be a mapping of hyper-parameters, got {_kind(raw)} {raw!r}")
-    for k, v in raw.items():
-        if k not in keys:
-            raise HarnessError(f"{path}: {where}: unknown key '{k}'{suggest(str(k), keys)}; valid: {', '.join(keys)}")
-        try:
-            TRAINING_CHECKS.get(k, lambda *_: None)(path, k, v)
-        except HarnessError as exc:  # the checks name "training.<key>"; say which block it was
-            raise HarnessError(str(exc).replace(f"training.{k}", f"{where}.{k}")) from None
-    return dict(raw)
 
 
 def _methods(path: Path, raw) -> dict[str, dict[str, dict]]:

@@ -11,7 +11,7 @@ from conftest import ROOT
 # floor -> module prefixes, bottom up (docs/architecture.md)
 FLOORS = [
     ("ground", ["harness", "harness.io", "harness.paths", "harness.hub", "harness.options", "harness.fingerprint"]),
-    ("registry", ["harness.plugins", "harness.tasks", "harness.task_attack"]),
+    ("registry", ["harness.plugins", "harness.tasks", "harness.task_attack", "harness.task_fields"]),
     ("plugin API", ["harness.methods", "harness.losses", "harness.activations", "harness.metrics", "harness.attacks",
                     "methods"]),
     ("data", ["harness.data"]),
