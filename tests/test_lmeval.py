@@ -218,6 +218,18 @@ def test_wmdp_published_setup_resolves(wmdp_corpus, lm_tasks):
     assert r"trainable_params: model\.layers\.(5|6|7)\.mlp\.down_proj\.weight" in out
 
 
+def test_wmdp_idk_dpo_and_tiny_profile(wmdp_corpus, lm_tasks):
+    """`--model tiny` covers the WMDP tasks (start: the TOFU-finetuned tiny model, no retain reference), and a
+    method that needs idk answers is refused on a corpus task before anything runs, naming method and task."""
+    d, _ = lm_tasks
+    _, out, _ = run_cli("run", "-t", "wmdp_cyber", "-m", "grad_diff", "--model", "tiny", "--dry-run", "--data-dir",
+                        wmdp_corpus, "--lm-eval-tasks", "mcq_two", "--lm-eval-include", d)
+    assert "start: 'tiny:full', reference: null" in out
+    rc, _, err = run_cli("run", "-t", "wmdp_cyber", "-m", "idk_dpo", "--model", "tiny", "--dry-run", "--data-dir",
+                         wmdp_corpus, "--lm-eval-tasks", "mcq_two", "--lm-eval-include", d, check=False)
+    assert rc != 0 and "'idk_dpo'" in err and "wmdp_cyber" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_wmdp_run_end_to_end(tmp_path, wmdp_corpus, lm_tasks):
     """Unlearn a WMDP-style task on the tiny model with the task's training defaults (constant schedule,
