@@ -53,37 +53,68 @@ def _home(base: Path, name: str) -> Path:
     return home
 
 
-def _eval(tmp_path, name, *extra, env_extra=None):
+def _eval(tmp_path, name, *extra, env_extra=None, model="tiny:full", method="eval"):
     env = {**os.environ, "HARNESS_HOME": str(_home(tmp_path, name)), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env_extra or {})}
     out = tmp_path / f"out_{name}"
     cmd = [sys.executable, "-m", "harness", "eval", "-t", "t17_dp", "--include-tasks", tmp_path / "tasks",
-           "--model", "tiny:full", "--reference", "tiny:retain99", "--limit", "7", "--eval-batch-size", "2",
+           "--model", model, "--reference", "tiny:retain99", "--limit", "7", "--eval-batch-size", "2",
            "-o", out, *extra]
     proc = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list(out.glob("*/t17_dp/eval/*"))
+    runs = list(out.glob(f"*/t17_dp/{method}/*-s0"))
     assert len(runs) == 1, runs
     return runs[0], proc.stdout, Path(env["HARNESS_HOME"])
 
 
+
+
 @pytest.mark.slow
-def test_two_process_eval_writes_the_files_of_one_process(tmp_path, tiny_full_dir, tiny_retain99_dir):
+def test_two_process_run_writes_the_files_of_one_process(tmp_path, tiny_full_dir, tiny_retain99_dir):
+    """`harness run --accelerate ddp` with two processes: both ranks score the baseline (the start model,
+    through `harness eval`'s code) and the unlearned model in shards; their files equal those of a
+    one-process `harness eval` of the start model and of the saved model."""
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "t17_dp.yaml").write_text(TASK)
-    one, out1, home1 = _eval(tmp_path, "one")
-    two, out2, home2 = _eval(tmp_path, "two", "--accelerate", "ddp", env_extra={"HARNESS_NUM_PROCESSES": "2"})
-    assert one.name == two.name  # the world size is not part of the run's identity
-    for f in FILES:
-        assert (one / f).read_bytes() == (two / f).read_bytes(), f
-    s1, s2 = (json.loads((d / "scores.json").read_text()) for d in (one, two))
-    assert s1["metrics"] == s2["metrics"]
-    assert s2["metrics"]["forget_quality"]["value"] > 0 and s2["metrics"]["mia_gradnorm"]["value"] is not None
-    # the retain model was scored in shards too; its cache was written once, the same as one process's
-    caches = [list(h.glob("references/*/TOFU_EVAL.json")) for h in (home1, home2)]
+    env = {**os.environ, "HARNESS_HOME": str(_home(tmp_path, "run")), "OMP_NUM_THREADS": "1",
+           "HARNESS_NUM_PROCESSES": "2", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out_run"
+    cmd = [sys.executable, "-m", "harness", "run", "-t", "t17_dp", "-m", "grad_diff", "--include-tasks",
+           tmp_path / "tasks", "--model", "tiny:full", "--reference", "tiny:retain99", "--limit", "7",
+           "--eval-batch-size", "2", "--train-batch-size", "2", "--per-device-batch", "1", "--epochs", "1",
+           "--optimizer", "adamw_torch", "--lr", "1e-3", "--accelerate", "ddp", "--save-model", "-o", out]
+    proc = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell = next(out.glob("*/t17_dp/grad_diff/*"))
+    assert json.loads((cell / "scores.json").read_text())["metrics"]["forget_quality"]["value"] > 0
+    assert proc.stdout.count("grad_diff ") == 1  # one summary table, from rank 0
+    base = next(out.glob("*/t17_dp/finetuned/*"))
+    one, _, home1 = _eval(tmp_path, "one", "--name", "finetuned", method="finetuned")
+    assert one.name == base.name  # the world size is not part of the run's identity
+    template = Path(tiny_full_dir) / "harness_template.yaml"
+    saved, _, _ = _eval(tmp_path, "saved", "--template", template, model=cell / "model")
+    for a, b in ((one, base), (saved, cell)):
+        for f in FILES:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), (b, f)
+        assert json.loads((a / "scores.json").read_text())["metrics"] == json.loads((b / "scores.json").read_text())["metrics"]
+    assert (base / "TOFU_EVAL.json").read_bytes() != (cell / "TOFU_EVAL.json").read_bytes()  # it did unlearn
+    # the retain model was scored in shards too: its cache was written once, as one process writes it
+    caches = [list(h.glob("references/*/TOFU_EVAL.json")) for h in (home1, Path(env["HARNESS_HOME"]))]
     assert [len(c) for c in caches] == [1, 1] and caches[0][0].read_bytes() == caches[1][0].read_bytes()
-    assert not list(home2.glob("references/*/.*tmp"))
-    assert out2.count("results: ") == 1 and out2.count("forget_quality") == 1  # one table, from rank 0
-    rows = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (cell / "samples.jsonl").read_text().splitlines()]
     gen = [r for r in rows if r["metric"] == "forget_Q_A_ROUGE"]
     assert [r["index"] for r in gen] == list(range(7)) and len({r["input"] for r in gen}) == 7
+
+
+def test_eval_accelerate_relaunches_with_its_own_options(monkeypatch):
+    """`harness eval --accelerate ddp` re-launches itself with flags that parse back to the same options."""
+    from harness.cli import parse_options
+    from harness.commands import eval as eval_cmd
+    from harness.training import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed, "relaunch", lambda argv, mode: seen.append((argv, mode)) or 0)
+    opts = parse_options(["eval", "-t", "tofu_forget01", "--limit", "3", "--accelerate", "ddp", "-o", "r d"])
+    assert eval_cmd.main(opts) == 0
+    (argv, mode), = seen
+    assert mode == "ddp" and argv[0] == "eval" and parse_options(argv) == opts
