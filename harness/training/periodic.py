@@ -87,8 +87,13 @@ class PeriodicEval:
         t0 = time.perf_counter()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), dist_utils.plain_view(accelerator, model) as plain:
-            with torch.no_grad():
-                values = dict(self.score(plain))
+            was_training = plain.training
+            plain.eval()  # the scoring path does this too; here it holds for any callback
+            try:
+                with torch.no_grad():
+                    values = dict(self.score(plain))
+            finally:
+                plain.train(was_training)
             if accelerator.num_processes > 1:
                 from accelerate.utils import broadcast_object_list
 
