@@ -157,8 +157,11 @@ def test_run_logs_scores_keeps_the_best_step_and_plots_curves(tmp_path, tiny_ful
     config = yaml.safe_load((cell / "config.yaml").read_text())
     assert config["during_training"]["keep_best"]["metric"] == "forget_Q_A_Prob"
     assert config["plan"]["during_training"]["keep_best"]["step"] == best
-    # a separate `harness eval` of the saved (best) checkpoint gives the value logged at that step
-    run_cli("eval", *common, "--model", cell / "model", "-o", tmp_path / "ev", "--name", "kept")
+    # a separate `harness eval` of the saved (best) checkpoint, prompted as the run was, gives the value
+    # logged at that step
+    template = tmp_path / "template.yaml"
+    template.write_text(yaml.safe_dump({k: v for k, v in config["model"]["template"].items() if v is not None}))
+    run_cli("eval", *common, "--model", cell / "model", "--template", template, "-o", tmp_path / "ev", "--name", "kept")
     (ev,) = (tmp_path / "ev").rglob("kept/*/scores.json")
     assert math.isclose(json.loads(ev.read_text())["metrics"]["forget_Q_A_Prob"]["value"], probs[best], rel_tol=1e-6)
     png = tmp_path / "curves.png"
