@@ -206,6 +206,10 @@ def build_cell_method(task: Task, mname: str, reg, sets: dict, profile: dict | N
     except Exception as exc:
         raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
     check_required(method, f"task '{task.name}' ({task.file}): ")
+    if getattr(cls, "uses_idk", False) and ("idk" not in task.data or task.train_format == "corpus"):
+        raise HarnessError(f"method '{mname}' trains towards alternative answers (data role 'idk') of question-"
+                           f"answer rows, which task '{task.name}' ({task.file}) does not have; use it on a QA task "
+                           "(e.g. tofu_*) or add data.idk to the task")
     return method, plugin
 
 
