@@ -175,3 +175,18 @@ def test_curves_without_training_logs_is_an_error(tmp_path):
 
     with pytest.raises(HarnessError, match="no run here has a train_log.jsonl"):
         plot_curves([], tmp_path / "c.png")
+
+
+def test_trackers_get_the_scores_under_their_own_names(tmp_path):
+    from harness.training.tracking import Trackers
+
+    got = []
+
+    class Recorder:
+        def log(self, values, step):
+            got.append((step, values))
+
+    trackers = Trackers([], run_name="r", log_dir=tmp_path)
+    trackers.trackers = [Recorder()]
+    trackers.log_row({"step": 4, "epoch": 1.0, "loss": 2.0, "eval/forget_Q_A_Prob": 0.5, "eval_seconds": 1.5})
+    assert got == [(4, {"train/epoch": 1.0, "train/loss": 2.0, "train/eval_seconds": 1.5, "eval/forget_Q_A_Prob": 0.5})]
