@@ -1,7 +1,8 @@
 """``harness report --curves``: the training curves of each run from its ``train_log.jsonl``: the train loss
 and every metric ``--eval-every`` scored (``eval/<metric>``), over optimizer steps. One row of panels per
-(model, task); one colour per method, each seed a thin line, the seed mean a thick one where a method has
-several seeds; a star marks the step ``--keep-best`` kept."""
+(model, task); one colour per method, each seed a thin line, the mean of a configuration's seeds a thick one
+where it has several (the points of a sweep are lines of their own); a star marks the step ``--keep-best``
+kept."""
 
 from __future__ import annotations
 
@@ -81,12 +82,12 @@ def plot_curves(runs: list[RunScores], path: Path) -> Path:
             metric = panels[key][c]
             better = next((run.better.get(metric[len("eval/"):]) for run, _ in items
                            if run.better.get(metric[len("eval/"):])), None)
-            by_method: dict[str, list[tuple[list[int], list[float]]]] = defaultdict(list)
+            by_config: dict[tuple[str, str], list[tuple[list[int], list[float]]]] = defaultdict(list)
             for run, rows in items:
                 xs, ys = series(rows, metric)
                 if not xs:
                     continue
-                by_method[run.display].append((xs, ys))
+                by_config[(run.display, run.config)].append((xs, ys))
                 ax.plot(xs, ys, color=colours[run.display], linewidth=0.9, alpha=0.55, marker="." if len(xs) < 30 else None)
                 best = _keep_best(run)
                 if best and best.get("step") is not None and metric == f"eval/{best.get('metric')}":
@@ -94,8 +95,8 @@ def plot_curves(runs: list[RunScores], path: Path) -> Path:
                     if at is not None:
                         ax.plot([best["step"]], [at], marker="*", markersize=13, color=colours[run.display],
                                 markeredgecolor="black", linestyle="none")
-            for display, lines in by_method.items():
-                if len(lines) > 1:  # the seed mean at the steps every seed logged
+            for (display, _), lines in by_config.items():
+                if len(lines) > 1:  # the mean of one configuration's seeds, at the steps every seed logged
                     common = sorted(set.intersection(*(set(xs) for xs, _ in lines)))
                     means = [sum(dict(zip(xs, ys))[s] for xs, ys in lines) / len(lines) for s in common]
                     ax.plot(common, means, color=colours[display], linewidth=2.4)
