@@ -26,8 +26,8 @@ from harness.task_fields import str_list as _str_list
 from harness.task_fields import suggest  # noqa: F401  (re-exported: the did-you-mean every layer uses)
 from harness.task_fields import training as _training
 
-TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
-             "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
+TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference", "prompt",
+             "data", "training", "methods", "metrics", "eval_metrics", "report", "finetune", "attack")
 DATA_KEYS = ("path", "name", "split", "format")
 TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
 # obtain: where to get a split that is not on the hub (said when it is missing; WMDP's corpora)
@@ -154,6 +154,7 @@ class Task:
     report: ReportLayout | None = None
     finetune: FinetuneRecipe | None = None
     attack: AttackSpec | None = None  # what --attacks scores again; in the run hash only with --attacks
+    eval_metrics: tuple[str, ...] = ()  # --eval-every's default subset (in the hash only with --keep-best)
 
     def __post_init__(self):
         if not self.benchmark:
@@ -294,16 +295,15 @@ def parse_task(path: Path) -> Task:
                 training=training, methods=_methods(path, doc.get("methods")),
                 metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks, obtain=obtain,
-                report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data))
+                report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data),
+                eval_metrics=_str_list(f"{path}: eval_metrics", doc.get("eval_metrics") or []))
 
 
 # ------------------------------------------------------------------------------ field types
 # Each check names the file and the field (harness.task_fields has the shared ones).
 
 def _tags(path: Path, raw) -> list[str]:
-    if raw is None:
-        return []
-    tags = [raw] if isinstance(raw, str) else raw
+    tags = [] if raw is None else [raw] if isinstance(raw, str) else raw
     if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
         raise HarnessError(f"{path}: field 'tag' must be a string or a list of strings, got {raw!r}")
     for t in tags:  # a tag can name the export files (<TAG>_EVAL.json)
