@@ -31,13 +31,20 @@ class SeqStats:
     ``hit``: P3, argmax of the vocabulary row == label, at the same positions.
     ``z``: Min-k++ z-score of each of those tokens, ``(lp - mu) / sigma`` with
     ``mu = sum p log p`` and ``sigma^2 = sum p (log p)^2 - mu^2`` clamped at 1e-6.
+    Fields beyond the ``need`` they were computed for (``NEEDS``) are None.
     """
 
     avg_loss: float | None
     prob: float | None
-    lp: np.ndarray
-    hit: np.ndarray
-    z: np.ndarray
+    lp: np.ndarray | None
+    hit: np.ndarray | None
+    z: np.ndarray | None
+
+
+# what a pass computes from the vocabulary rows, cheapest first: "prob" the P1 loss only (probability
+# metrics, truth ratios: the option sets), "tokens" also lp and hit (Min-k, exact memorization,
+# extraction strength), "z" also the Min-k++ z-scores (an exp and two more sums over the vocabulary)
+NEEDS = ("prob", "tokens", "z")
 
 
 def _device(model) -> torch.device:
@@ -95,14 +102,18 @@ def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None
 ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128k-token vocabularies
 
 
-def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> list[SeqStats]:
+def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *, need: str = "z",
+                logprobs: bool = False) -> list[SeqStats]:
     """Stats of each right-padded sequence from the batch's (B, T, V) logits.
 
     Row t predicts token t+1. P1 uses the rows whose next label is not -100, summed and divided
     by the number of labels (counted on the unshifted labels). P2/P3 use the rows start-1..end-1
     where start/end are the first/last labelled positions once the final label is dropped.
-    Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK.
+    Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK; ``need`` (``NEEDS``)
+    says which fields are computed (the rest are None); ``logprobs``: ``logits`` are already the
+    fp32 log-softmax (the same values row by row: the kernel works per row).
     """
+    level = NEEDS.index(need)
     B, T = ids.shape
     dev = ids.device
     valid = labels != IGNORE
@@ -115,36 +126,46 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -
     rows = ar[None, :-1]
     p1 = labels[:, 1:] != IGNORE                                           # (B, T-1)
     p2 = (rows >= start[:, None] - 1) & (rows <= end[:, None] - 1)
-    need = p1 | p2
-    sel = logits[:, :-1][need]                                             # (N, V), row-major (b, t)
-    lab_next = labels[:, 1:][need]
-    id_next = ids[:, 1:][need]
-    is_p1, is_p2 = p1[need], p2[need]
-    nll = torch.zeros(sel.shape[0], device=dev)
-    lp = torch.empty(sel.shape[0], device=dev)
-    hit = torch.empty(sel.shape[0], dtype=torch.bool, device=dev)
-    z = torch.empty(sel.shape[0], device=dev)
-    for a in range(0, sel.shape[0], ROW_CHUNK):
+    need_rows = p1 | p2 if level else p1                                   # p2-only rows add 0.0 to a sum
+    sel = logits[:, :-1][need_rows]                                        # (N, V), row-major (b, t)
+    lab_next = labels[:, 1:][need_rows]
+    id_next = ids[:, 1:][need_rows]
+    is_p1, is_p2 = p1[need_rows], p2[need_rows]
+    N = sel.shape[0]
+    nll = torch.zeros(N, device=dev)
+    if level:
+        lp = torch.empty(N, device=dev)
+        hit = torch.empty(N, dtype=torch.bool, device=dev)
+    if level > 1:
+        z = torch.empty(N, device=dev)
+    for a in range(0, N, ROW_CHUNK):
         b = a + ROW_CHUNK
-        r = sel[a:b].float().log_softmax(-1)
+        r = sel[a:b] if logprobs else sel[a:b].float().log_softmax(-1)
         ln = lab_next[a:b]
         nll[a:b] = torch.where(is_p1[a:b], -r.gather(-1, ln.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+        if not level:
+            continue
         t = r.gather(-1, id_next[a:b].unsqueeze(-1)).squeeze(-1)
         lp[a:b] = t
         hit[a:b] = r.argmax(-1) == ln
-        pr = r.exp()
-        mu = (pr * r).sum(-1)
-        var = ((pr * r.square()).sum(-1) - mu.square()).clamp(min=1e-6)
-        z[a:b] = (t - mu) / var.sqrt()
-    owner = torch.arange(B, device=dev)[:, None].expand(B, T - 1)[need]
+        if level > 1:
+            pr = r.exp()
+            mu = (pr * r).sum(-1)
+            var = ((pr * r.square()).sum(-1) - mu.square()).clamp(min=1e-6)
+            z[a:b] = (t - mu) / var.sqrt()
+    owner = torch.arange(B, device=dev)[:, None].expand(B, T - 1)[need_rows]
     nll_sum = torch.zeros(B, device=dev).index_add_(0, owner, nll)
     avg = nll_sum / n.clamp(min=1)
     prob = torch.exp(-avg)
-    counts = p2.sum(1).tolist()
-    lp2 = np.split(lp[is_p2].cpu().numpy().astype(np.float32), np.cumsum(counts)[:-1])
-    hit2 = np.split(hit[is_p2].cpu().numpy(), np.cumsum(counts)[:-1])
-    z2 = np.split(z[is_p2].cpu().numpy().astype(np.float32), np.cumsum(counts)[:-1])
     avg_l, prob_l, n_l = avg.tolist(), prob.tolist(), n.tolist()
+    none = [None] * B
+    lp2 = hit2 = z2 = none
+    if level:
+        cuts = np.cumsum(p2.sum(1).tolist())[:-1]
+        lp2 = np.split(lp[is_p2].cpu().numpy().astype(np.float32), cuts)
+        hit2 = np.split(hit[is_p2].cpu().numpy(), cuts)
+        if level > 1:
+            z2 = np.split(z[is_p2].cpu().numpy().astype(np.float32), cuts)
     return [SeqStats(avg_l[i] if n_l[i] else None, prob_l[i] if n_l[i] else None, lp2[i], hit2[i], z2[i])
             for i in range(B)]
 
@@ -154,20 +175,38 @@ def _seq_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) ->
     return batch_stats(logits[None], ids[None], labels[None])[0]
 
 
+def _slot_batches(groups: list[list[int]], batch_size: int):
+    """The reference's batches of an option set (spec 6.1 P4): ``batch_size`` rows in dataset order,
+    one padded mini-batch per answer slot."""
+    for a in range(0, len(groups), batch_size):
+        block = groups[a:a + batch_size]
+        for j in range(max(len(g) for g in block)):
+            yield [g[j] for g in block if j < len(g)]
+
+
 @torch.no_grad()
 def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EVAL_BATCH_SIZE,
-                  attention_mask: str = "reference", sort: bool = True, progress=None) -> list[SeqStats]:
+                  attention_mask: str = "reference", sort: bool = True, progress=None, need: str = "z",
+                  naive: bool = False, slots: list[list[int]] | None = None) -> list[SeqStats]:
     """P1-P3 for every item (right padding), returned in the items' order.
 
     With ``sort`` the items are batched longest first to cut padding; results equal dataset-order
-    batching up to float rounding (padding is masked out of every attention row used).
+    batching up to float rounding (padding is masked out of every attention row used). ``need``:
+    which fields (``NEEDS``). ``naive`` pays what the reference evaluator pays per pass (the speed
+    benchmark's baseline): the lm head at every position and one fp32 log-softmax over the whole
+    (B, T, V) logits, then the same stats; with ``slots`` (the option groups of a list column)
+    dataset-order rows are batched one answer slot at a time, as the reference does.
     """
     out: list[SeqStats | None] = [None] * len(items)
     dev = _device(model)
     mask = attention_mask
-    keep = _accepts(model, "logits_to_keep")
+    keep = _accepts(model, "logits_to_keep") and not naive
     lengths = [len(it["input_ids"]) for it in items]
-    for chunk in _batches(_order(items, sort), batch_size, lengths):
+    if naive and slots is not None and not sort:
+        batches = _slot_batches(slots, batch_size)
+    else:
+        batches = _batches(_order(items, sort), batch_size, lengths)
+    for chunk in batches:
         batch = collate([items[i] for i in chunk], pad_id, side="right", mask=mask)
         ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         # rows before the first label's predecessor are never read: the lm head skips them
@@ -175,7 +214,9 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EV
         off = max(0, _first_label(labels) - 1) if keep else 0
         kw = {"logits_to_keep": ids.shape[1] - off} if off else {}
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **kw).logits
-        for i, st in zip(chunk, batch_stats(logits, ids[:, off:], labels[:, off:])):
+        if naive:
+            logits = logits.float().log_softmax(-1)
+        for i, st in zip(chunk, batch_stats(logits, ids[:, off:], labels[:, off:], need=need, logprobs=naive)):
             out[i] = st
         if progress is not None:
             progress.update(len(chunk))
@@ -200,7 +241,7 @@ def shared_prefix_length(group: list[dict]) -> int:
 @torch.no_grad()
 def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_id: int, *,
                          batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
-                         sort: bool = True, progress=None) -> list[SeqStats]:
+                         sort: bool = True, progress=None, need: str = "z") -> list[SeqStats]:
     """``forward_stats`` for option sets: the items of each group (one question's answers) share
     their prompt, whose KV cache is computed once and reused for every answer.
 
@@ -233,7 +274,7 @@ def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_
         if flat:  # nothing to share (one-token prompts): the plain pass
             idx = [i for f in flat for i in f]
             for i, st in zip(idx, forward_stats(model, [items[i] for i in idx], pad_id, batch_size=len(idx),
-                                                attention_mask=attention_mask, sort=False)):
+                                                attention_mask=attention_mask, sort=False, need=need)):
                 out[i] = st
         bg = [g for g in bg if plens[g] > 0]
         if not bg:
@@ -256,7 +297,7 @@ def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_
         mask = torch.cat([pre["attention_mask"][owner], suf["attention_mask"]], 1).to(dev)
         ids = suf["input_ids"].to(dev)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}).logits
-        for i, st in zip(idx, batch_stats(logits, ids, suf["labels"].to(dev))):
+        for i, st in zip(idx, batch_stats(logits, ids, suf["labels"].to(dev), need=need)):
             out[i] = st
         if progress is not None:
             progress.update(len(idx))
@@ -279,16 +320,94 @@ def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
     return clean_up_tokenization(text) if clean_up else text
 
 
+# generation-config fields that add a logits processor or a stopping rule to greedy decoding; the
+# row-dropping loop reproduces plain greedy search only, so any of these set means model.generate
+_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+               "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+               "sequence_bias", "encoder_repetition_penalty", "exponential_decay_length_penalty",
+               "renormalize_logits", "max_time", "stop_strings", "num_beams")
+_NEUTRAL = {"repetition_penalty": 1.0, "num_beams": 1, "min_length": 0, "renormalize_logits": False}
+
+
+def _plain_greedy(model) -> bool:
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None or not _accepts(model, "position_ids") or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    return all(getattr(cfg, k, None) in (None, _NEUTRAL.get(k), [], ()) for k in _PROCESSORS)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return set(ids) or {tokenizer.eos_token_id}
+
+
+@torch.no_grad()
+def greedy_dropping(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
+                    stop=(), counts: dict | None = None) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch in which a row leaves the batch (and its KV cache,
+    ``DynamicCache.batch_select_indices``) as soon as it has emitted an eos id or its decoded new
+    tokens contain a stop string; the others go on. The new tokens of each row, eos included.
+
+    The steps mirror ``generate``'s greedy search: position ids from the attention mask, lm head on
+    the last position only, argmax of the fp32 logits, attention mask grown by one per step.
+    """
+    from transformers import DynamicCache
+
+    dev = ids.device
+    eos = _eos_ids(model, tokenizer)
+    ckw = _cache_kw(model)
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache()
+    keep_kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache},
+                   **keep_kw).logits
+    B = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    rows = list(range(B))                      # batch row -> item row
+    last = pos[:, -1]
+    paid = 0
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].to(dtype=torch.float32).argmax(-1)
+        paid += len(rows)
+        done = []
+        for j, (r, t) in enumerate(zip(rows, nxt.tolist())):
+            out[r].append(t)
+            if t in eos or (stop and any(x in tokenizer.decode(out[r], skip_special_tokens=True) for x in stop)):
+                done.append(j)
+        if step == max_new_tokens - 1:
+            break
+        if done:
+            live = [j for j in range(len(rows)) if j not in set(done)]
+            if not live:
+                break
+            sel = torch.tensor(live, device=dev)
+            cache.batch_select_indices(sel)
+            rows = [rows[j] for j in live]
+            nxt, mask, last = nxt[sel], mask[sel], last[sel]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+        last = last + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
+                       **{ckw: cache}, **keep_kw).logits
+    if counts is not None:
+        counts["new_tokens"] = counts.get("new_tokens", 0) + paid
+    return out
+
+
 @torch.no_grad()
 def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
              max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None,
-             counts: dict | None = None) -> list[dict]:
+             counts: dict | None = None, drop_finished: bool = True) -> list[dict]:
     """P5: greedy generation from left-padded prompts (pad = eos), in the items' order.
 
     Each item is a generation item (``input_ids`` = prompt, ``labels`` = the whole conversation
     or the target). Returns ``{"input", "ground_truth", "generation"}`` per item: the ground truth
     is the decoded labels with the decoded prompt removed, stripped; the generation is cut at the
     first eos string or stop string, stripped.
+
+    ``drop_finished`` (and a model whose generation config is plain greedy search): finished rows
+    leave the batch (``greedy_dropping``); otherwise ``model.generate``, which pays every row until
+    the whole batch has finished. Same generations (test: tests/test_generation_speed.py).
     """
     out: list[dict | None] = [None] * len(items)
     dev = _device(model)
@@ -301,20 +420,25 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
                       temperature=None, top_p=None, top_k=None)
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    fast = drop_finished and _plain_greedy(model)
     lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
     for chunk in _batches(_order(items, sort), batch_size, lengths):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
-        gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **gen_kwargs)
-        new = gen[:, ids.shape[1]:].cpu()
-        if counts is not None:  # decoding steps paid for, padding rows included (the benchmark's token count)
-            counts["new_tokens"] = counts.get("new_tokens", 0) + new.numel()
+        if fast:
+            new = greedy_dropping(model, tokenizer, ids, batch["attention_mask"].to(dev),
+                                  max_new_tokens=max_new_tokens, stop=tuple(stop), counts=counts)
+        else:
+            gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **gen_kwargs)
+            new = gen[:, ids.shape[1]:].cpu().tolist()
+            if counts is not None:  # decoding steps paid for, finished rows included (the benchmark's count)
+                counts["new_tokens"] = counts.get("new_tokens", 0) + sum(len(x) for x in new)
         for row, i in enumerate(chunk):
             it = items[i]
             text_in = decode(tokenizer, it["input_ids"])
             labels = [t for t in it["labels"] if t != IGNORE]
             gt = decode(tokenizer, labels).replace(text_in, "").strip()
-            text = cut_generation(decode(tokenizer, new[row].tolist()), stops)
+            text = cut_generation(decode(tokenizer, new[row]), stops)
             out[i] = {"input": text_in, "ground_truth": gt, "generation": text}
         if progress is not None:
             progress.update(len(chunk))
