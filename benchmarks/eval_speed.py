@@ -88,7 +88,7 @@ def patched(args, task, naive: bool):
             P.forward_stats = lambda *a, **kw: fs(*a, **{**kw, "need": "z"})
             P.forward_stats_shared = lambda *a, **kw: fss(*a, **{**kw, "need": "z"})
         if not naive and args.generate == "plain":
-            P.generate = lambda *a, **kw: gen(*a, **{**kw, "drop_finished": False})
+            P.generate = lambda *a, **kw: gen(*a, **{**kw, "drop_finished": False, "budget": None})
         yield
     finally:
         for k, v in saved.items():
@@ -174,7 +174,8 @@ def main() -> None:
                     help="re-score the retain model inside every run (default: scored once beforehand and read, "
                          "as the reference reads retain_logs_path)")
     ap.add_argument("--generate", choices=["drop", "plain"], default="drop",
-                    help="engine generation: drop finished rows (default) or plain model.generate")
+                    help="engine generation: drop finished rows in batches by position budget (default), or plain "
+                         "model.generate in batches of --batch-size")
     ap.add_argument("--need", choices=["auto", "all"], default="auto",
                     help="engine passes: compute only the fields their readers need (default) or all (lp, hit, z)")
     args = ap.parse_args()

@@ -7,6 +7,7 @@ import pytest
 from harness.metrics import Source
 from harness.scoring import primitives as P
 from harness.scoring.context import EvalContext
+from harness.scoring.greedy import plain_greedy
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _generation_calls(models, task_name):
 @pytest.mark.parametrize("task_name", ["tofu_forget01", "muse_news"])
 def test_dropping_finished_rows_equals_plain_generate(models, task_name):
     reg, task, model, tok, template = models[task_name]
-    assert P._plain_greedy(model)
+    assert plain_greedy(model)
     calls = _generation_calls(models, task_name)
     # TOFU: forget, retain, real authors, world facts; MUSE: forget/retain knowmem (stop strings), verbmem
     assert len(calls) == (4 if task_name.startswith("tofu") else 3)
@@ -62,8 +63,10 @@ def test_dropping_finished_rows_equals_plain_generate(models, task_name):
         plain_n, drop_n = {}, {}
         plain = P.generate(model, tok, items, **{**kw, "counts": plain_n, "drop_finished": False})
         drop = P.generate(model, tok, items, **{**kw, "counts": drop_n, "drop_finished": True})
+        # the engine's batches by position budget (more rows per batch than batch_size)
+        wide = P.generate(model, tok, items, **{**kw, "budget": 3 * 2048, "drop_finished": True})
         assert [d["generation"] for d in drop] == [p["generation"] for p in plain]
-        assert drop == plain
+        assert drop == plain and wide == plain
         assert drop_n["new_tokens"] <= plain_n["new_tokens"]
 
 
@@ -84,10 +87,10 @@ def test_a_processor_in_the_generation_config_falls_back_to_generate(models):
     old = model.generation_config.repetition_penalty
     model.generation_config.repetition_penalty = 1.3
     try:
-        assert not P._plain_greedy(model)
+        assert not plain_greedy(model)
     finally:
         model.generation_config.repetition_penalty = old
-    assert P._plain_greedy(model)
+    assert plain_greedy(model)
 
 
 @pytest.mark.parametrize("need", ["prob", "tokens"])

@@ -301,7 +301,10 @@ class EvalContext:
                     vals = generate(self.model, self.tokenizer, items, batch_size=self.batch_size,
                                     attention_mask=self.attention_mask, max_new_tokens=max_new_tokens,
                                     stop=tuple(stop), sort=self.sort, progress=bar, counts=entry,
-                                    drop_finished=self.share)
+                                    drop_finished=self.share,
+                                    # as many positions as a batch of full-length rows of this source
+                                    budget=self.batch_size * min(source.max_length, self.max_length or source.max_length)
+                                    if self.share else None)
             finally:
                 if bar is not None:
                     bar.close()

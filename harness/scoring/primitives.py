@@ -20,6 +20,8 @@ import torch
 from harness.data.encode import IGNORE, collate
 from harness.metrics.rouge import cut_generation
 from harness.options import EVAL_BATCH_SIZE
+from harness.scoring.greedy import accepts as _accepts
+from harness.scoring.greedy import cache_kw as _cache_kw
 
 
 @dataclass
@@ -51,18 +53,19 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _accepts(model, name: str) -> bool:
-    import inspect
+# causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or
+# logit scale): for them the head runs on the labelled rows only (the same values row by row)
+PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
 
+
+def _split_head(model):
+    """(decoder, lm head) of a plain causal LM, else None (the model's own forward is used)."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD or not type(model).__name__.endswith("ForCausalLM"):
+        return None
     try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _cache_kw(model) -> str:
-    # transformers 5.2x renamed past_key_values to cache
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+        return model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _first_label(labels: torch.Tensor) -> int:
@@ -85,12 +88,15 @@ def _order(items, sort: bool) -> list[int]:
 ATTENTION_CELLS = 2 ** 24
 
 
-def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None):
+def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None, budget: int | None = None):
+    """Consecutive batches of ``order``: ``batch_size`` rows, or with ``budget`` as many rows as fit in
+    ``budget`` positions (at least ``batch_size``), cut so rows x positions^2 stays under ATTENTION_CELLS."""
     cur: list[int] = []
     width = 0
     for i in order:
         w = max(width, lengths[i]) if lengths is not None else 0
-        if cur and (len(cur) == batch_size or (len(cur) + 1) * w * w > ATTENTION_CELLS):
+        cap = max(batch_size, budget // max(w, 1)) if budget else batch_size
+        if cur and (len(cur) >= cap or (len(cur) + 1) * w * w > ATTENTION_CELLS):
             yield cur
             cur, w = [], (lengths[i] if lengths is not None else 0)
         cur.append(i)
@@ -103,7 +109,7 @@ ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128
 
 
 def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *, need: str = "z",
-                logprobs: bool = False) -> list[SeqStats]:
+                logprobs: bool = False, head=None) -> list[SeqStats]:
     """Stats of each right-padded sequence from the batch's (B, T, V) logits.
 
     Row t predicts token t+1. P1 uses the rows whose next label is not -100, summed and divided
@@ -111,7 +117,8 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *
     where start/end are the first/last labelled positions once the final label is dropped.
     Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK; ``need`` (``NEEDS``)
     says which fields are computed (the rest are None); ``logprobs``: ``logits`` are already the
-    fp32 log-softmax (the same values row by row: the kernel works per row).
+    fp32 log-softmax (the same values row by row: the kernel works per row). With ``head`` (the lm
+    head), ``logits`` are the final hidden states and only the rows read go through the head.
     """
     level = NEEDS.index(need)
     B, T = ids.shape
@@ -128,6 +135,8 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *
     p2 = (rows >= start[:, None] - 1) & (rows <= end[:, None] - 1)
     need_rows = p1 | p2 if level else p1                                   # p2-only rows add 0.0 to a sum
     sel = logits[:, :-1][need_rows]                                        # (N, V), row-major (b, t)
+    if head is not None:
+        sel = head(sel)
     lab_next = labels[:, 1:][need_rows]
     id_next = ids[:, 1:][need_rows]
     is_p1, is_p2 = p1[need_rows], p2[need_rows]
@@ -201,6 +210,7 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EV
     dev = _device(model)
     mask = attention_mask
     keep = _accepts(model, "logits_to_keep") and not naive
+    split = None if naive else _split_head(model)
     lengths = [len(it["input_ids"]) for it in items]
     if naive and slots is not None and not sort:
         batches = _slot_batches(slots, batch_size)
@@ -211,12 +221,18 @@ def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EV
         ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         # rows before the first label's predecessor are never read: the lm head skips them
         # (row t of the kept tail still predicts token t+1 of the kept ids, so the stats are unchanged)
-        off = max(0, _first_label(labels) - 1) if keep else 0
-        kw = {"logits_to_keep": ids.shape[1] - off} if off else {}
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **kw).logits
-        if naive:
-            logits = logits.float().log_softmax(-1)
-        for i, st in zip(chunk, batch_stats(logits, ids[:, off:], labels[:, off:], need=need, logprobs=naive)):
+        am = batch["attention_mask"].to(dev)
+        if split is not None:  # the head on exactly the rows read
+            hidden = split[0](input_ids=ids, attention_mask=am).last_hidden_state
+            stats = batch_stats(hidden, ids, labels, need=need, head=split[1])
+        else:
+            off = max(0, _first_label(labels) - 1) if keep else 0
+            kw = {"logits_to_keep": ids.shape[1] - off} if off else {}
+            logits = model(input_ids=ids, attention_mask=am, **kw).logits
+            if naive:
+                logits = logits.float().log_softmax(-1)
+            stats = batch_stats(logits, ids[:, off:], labels[:, off:], need=need, logprobs=naive)
+        for i, st in zip(chunk, stats):
             out[i] = st
         if progress is not None:
             progress.update(len(chunk))
@@ -296,8 +312,15 @@ def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_
         pos = (start[:, None] + torch.arange(S)[None, :]).to(dev)
         mask = torch.cat([pre["attention_mask"][owner], suf["attention_mask"]], 1).to(dev)
         ids = suf["input_ids"].to(dev)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}).logits
-        for i, st in zip(idx, batch_stats(logits, ids, suf["labels"].to(dev), need=need)):
+        split = _split_head(model)
+        if split is not None:
+            hidden = split[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                              **{ckw: cache}).last_hidden_state
+            stats = batch_stats(hidden, ids, suf["labels"].to(dev), need=need, head=split[1])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}).logits
+            stats = batch_stats(logits, ids, suf["labels"].to(dev), need=need)
+        for i, st in zip(idx, stats):
             out[i] = st
         if progress is not None:
             progress.update(len(idx))
@@ -320,84 +343,10 @@ def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
     return clean_up_tokenization(text) if clean_up else text
 
 
-# generation-config fields that add a logits processor or a stopping rule to greedy decoding; the
-# row-dropping loop reproduces plain greedy search only, so any of these set means model.generate
-_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
-               "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
-               "sequence_bias", "encoder_repetition_penalty", "exponential_decay_length_penalty",
-               "renormalize_logits", "max_time", "stop_strings", "num_beams")
-_NEUTRAL = {"repetition_penalty": 1.0, "num_beams": 1, "min_length": 0, "renormalize_logits": False}
-
-
-def _plain_greedy(model) -> bool:
-    cfg = getattr(model, "generation_config", None)
-    if cfg is None or not _accepts(model, "position_ids") or getattr(model.config, "is_encoder_decoder", False):
-        return False
-    return all(getattr(cfg, k, None) in (None, _NEUTRAL.get(k), [], ()) for k in _PROCESSORS)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return set(ids) or {tokenizer.eos_token_id}
-
-
-@torch.no_grad()
-def greedy_dropping(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
-                    stop=(), counts: dict | None = None) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch in which a row leaves the batch (and its KV cache,
-    ``DynamicCache.batch_select_indices``) as soon as it has emitted an eos id or its decoded new
-    tokens contain a stop string; the others go on. The new tokens of each row, eos included.
-
-    The steps mirror ``generate``'s greedy search: position ids from the attention mask, lm head on
-    the last position only, argmax of the fp32 logits, attention mask grown by one per step.
-    """
-    from transformers import DynamicCache
-
-    dev = ids.device
-    eos = _eos_ids(model, tokenizer)
-    ckw = _cache_kw(model)
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache()
-    keep_kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache},
-                   **keep_kw).logits
-    B = ids.shape[0]
-    out: list[list[int]] = [[] for _ in range(B)]
-    rows = list(range(B))                      # batch row -> item row
-    last = pos[:, -1]
-    paid = 0
-    for step in range(max_new_tokens):
-        nxt = logits[:, -1].to(dtype=torch.float32).argmax(-1)
-        paid += len(rows)
-        done = []
-        for j, (r, t) in enumerate(zip(rows, nxt.tolist())):
-            out[r].append(t)
-            if t in eos or (stop and any(x in tokenizer.decode(out[r], skip_special_tokens=True) for x in stop)):
-                done.append(j)
-        if step == max_new_tokens - 1:
-            break
-        if done:
-            live = [j for j in range(len(rows)) if j not in set(done)]
-            if not live:
-                break
-            sel = torch.tensor(live, device=dev)
-            cache.batch_select_indices(sel)
-            rows = [rows[j] for j in live]
-            nxt, mask, last = nxt[sel], mask[sel], last[sel]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
-        last = last + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
-                       **{ckw: cache}, **keep_kw).logits
-    if counts is not None:
-        counts["new_tokens"] = counts.get("new_tokens", 0) + paid
-    return out
-
-
 @torch.no_grad()
 def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
              max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None,
-             counts: dict | None = None, drop_finished: bool = True) -> list[dict]:
+             counts: dict | None = None, drop_finished: bool = True, budget: int | None = None) -> list[dict]:
     """P5: greedy generation from left-padded prompts (pad = eos), in the items' order.
 
     Each item is a generation item (``input_ids`` = prompt, ``labels`` = the whole conversation
@@ -408,6 +357,8 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
     ``drop_finished`` (and a model whose generation config is plain greedy search): finished rows
     leave the batch (``greedy_dropping``); otherwise ``model.generate``, which pays every row until
     the whole batch has finished. Same generations (test: tests/test_generation_speed.py).
+    ``budget`` (positions, prompt + new tokens): batches of short prompts hold more than ``batch_size``
+    rows, as many as fit (the per-step cost of a decoding call is mostly fixed on small models).
     """
     out: list[dict | None] = [None] * len(items)
     dev = _device(model)
@@ -420,9 +371,11 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
                       temperature=None, top_p=None, top_k=None)
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-    fast = drop_finished and _plain_greedy(model)
+    from harness.scoring.greedy import greedy_dropping, plain_greedy
+
+    fast = drop_finished and plain_greedy(model)
     lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
-    for chunk in _batches(_order(items, sort), batch_size, lengths):
+    for chunk in _batches(_order(items, sort), batch_size, lengths, budget):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
         if fast:
