@@ -343,6 +343,19 @@ def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
     return clean_up_tokenization(text) if clean_up else text
 
 
+def _kv_budget(model, positions: int) -> int:
+    """Positions of KV cache taking the memory of ``positions`` rows of fp32 logits: x V / (2 layers
+    x kv heads x head dim), at least ``positions`` (tiny Llama: x8; Llama-3.2-1B: x7.8; Llama-2-7B: x1)."""
+    try:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return int(positions * max(1.0, cfg.vocab_size / (2 * cfg.num_hidden_layers * kv * hd)))
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return positions
+
+
 @torch.no_grad()
 def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
              max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None,
@@ -357,8 +370,9 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
     ``drop_finished`` (and a model whose generation config is plain greedy search): finished rows
     leave the batch (``greedy_dropping``); otherwise ``model.generate``, which pays every row until
     the whole batch has finished. Same generations (test: tests/test_generation_speed.py).
-    ``budget`` (positions, prompt + new tokens): batches of short prompts hold more than ``batch_size``
-    rows, as many as fit (the per-step cost of a decoding call is mostly fixed on small models).
+    ``budget`` (positions of a full-length teacher-forced batch): a generation batch holds as many rows
+    (prompt + new tokens) as keep its KV cache within that batch's fp32 logits (``_kv_budget``), at
+    least ``batch_size``: decoding steps cost mostly a fixed overhead per call on small models.
     """
     out: list[dict | None] = [None] * len(items)
     dev = _device(model)
@@ -375,6 +389,7 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
 
     fast = drop_finished and plain_greedy(model)
     lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
+    budget = _kv_budget(model, budget) if budget else None
     for chunk in _batches(_order(items, sort), batch_size, lengths, budget):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
