@@ -18,6 +18,7 @@ from typing import Any
 from harness import HarnessError
 from harness.metrics import Score, Source
 from harness.options import ATTENTION_MASKS, EVAL_BATCH_SIZE
+from harness.scoring.shard import is_writer, sharded
 
 
 def missing_reference_error(task: str, metric: str) -> HarnessError:
@@ -90,7 +91,7 @@ class EvalContext:
         self.batch_size = batch_size
         self.attention_mask = attention_mask
         self.limit = limit
-        self.progress = progress
+        self.progress = progress and is_writer()  # one set of bars in a multi-process job
         self.data_dir = data_dir
         self.share = share
         self.sort = sort
@@ -250,17 +251,19 @@ class EvalContext:
             who = self.label if model == "target" else "reference"
             bar = self._tqdm(len(items), f"{who} forward {source.label()}")
             try:
-                with self._timed("forward", source, model=who, rows=len(items),
-                                 tokens=sum(len(it["input_ids"]) for it in items)):
+                def compute(items, layout):
                     groups = [s for s in layout if isinstance(s, list)]
                     if self.shared_prefix and self.share and groups and len(groups) == len(layout):
-                        vals = forward_stats_shared(m, items, groups, self.pad_id, batch_size=self.batch_size,
+                        return forward_stats_shared(m, items, groups, self.pad_id, batch_size=self.batch_size,
                                                     attention_mask=self.attention_mask, sort=self.sort,
                                                     progress=bar, need=need)
-                    else:
-                        vals = forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
-                                             attention_mask=self.attention_mask, sort=self.sort, progress=bar,
-                                             need=need, naive=not self.share, slots=groups or None)
+                    return forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
+                                         attention_mask=self.attention_mask, sort=self.sort, progress=bar,
+                                         need=need, naive=not self.share, slots=groups or None)
+
+                with self._timed("forward", source, model=who, rows=len(items),
+                                 tokens=sum(len(it["input_ids"]) for it in items)):
+                    vals = sharded(compute, items, layout, batch_size=self.batch_size, model=m)
             finally:
                 if bar is not None:
                     bar.close()
@@ -298,13 +301,14 @@ class EvalContext:
             try:
                 with self._timed("generate", source, rows=len(items),
                                  tokens=sum(len(it["input_ids"]) for it in items)) as entry:
-                    vals = generate(self.model, self.tokenizer, items, batch_size=self.batch_size,
-                                    attention_mask=self.attention_mask, max_new_tokens=max_new_tokens,
-                                    stop=tuple(stop), sort=self.sort, progress=bar, counts=entry,
-                                    drop_finished=self.share,
-                                    # as many positions as a batch of full-length rows of this source
-                                    budget=self.batch_size * min(source.max_length, self.max_length or source.max_length)
-                                    if self.share else None)
+                    # generation batches: as many positions as a batch of full-length rows of this source
+                    budget = (self.batch_size * min(source.max_length, self.max_length or source.max_length)
+                              if self.share else None)
+                    vals = sharded(lambda its, _: generate(
+                        self.model, self.tokenizer, its, batch_size=self.batch_size,
+                        attention_mask=self.attention_mask, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                        sort=self.sort, progress=bar, counts=entry, drop_finished=self.share, budget=budget),
+                        items, layout, batch_size=self.batch_size, model=self.model)
             finally:
                 if bar is not None:
                     bar.close()
@@ -336,8 +340,9 @@ class EvalContext:
             try:
                 with self._timed("gradnorm", source, rows=len(items),
                                  tokens=sum(len(it["input_ids"]) for it in items)):
-                    vals = gradnorms(self.model, items, self.pad_id, p=p, attention_mask=self.attention_mask,
-                                     progress=bar)
+                    vals = sharded(lambda its, _: gradnorms(self.model, its, self.pad_id, p=p,
+                                                            attention_mask=self.attention_mask, progress=bar),
+                                   items, layout, batch_size=1, model=self.model)
             finally:
                 if bar is not None:
                     bar.close()
