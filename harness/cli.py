@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="at most N cells running at once")
     p.add_argument("--slurm-setup", action="append", metavar="LINE",
                    help="shell line run before each job, e.g. 'source venv/bin/activate' (repeatable)")
+    p.add_argument("--slurm-mem", metavar="SIZE", help="memory per node, Slurm syntax, e.g. 64G")
+    p.add_argument("--slurm-cpus-per-task", type=int, metavar="N")
     _peft_args(p)
     _tracking_args(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID",

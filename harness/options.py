@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from harness import HarnessError
@@ -72,6 +73,17 @@ def numbers(flag: str, value, *, integer: bool = False, key: str | None = None) 
             raise HarnessError(f"{flag} {value!r}: {part} is given more than once")
         out.append(number)
     return out
+
+
+def slurm_mem(text: str | None) -> str | None:
+    """Slurm's --mem syntax: a positive whole number with an optional K/M/G/T unit (megabytes without)."""
+    if text is None:
+        return None
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", s, re.IGNORECASE)
+    if not m or int(m.group(1)) <= 0:
+        raise HarnessError(f"--slurm-mem {text!r}: use Slurm's syntax, a positive size such as 64G or 16000M")
+    return f"{int(m.group(1))}{m.group(2).upper()}"
 
 
 def slurm_minutes(text: str) -> int:
@@ -242,6 +254,8 @@ class RunOptions(Common, ModelOptions, PeftOptions):
     slurm_time: str = SLURM_TIME
     slurm_array_parallelism: int | None = None
     slurm_setup: list[str] = field(default_factory=list)
+    slurm_mem: str | None = None  # Slurm's --mem per node, e.g. 64G
+    slurm_cpus_per_task: int | None = None
     report_to: str | None = None  # accelerate tracker names, comma separated (e.g. tensorboard,wandb)
     tracker_project: str = TRACKER_PROJECT
     push_to_hub: str | None = None  # REPO_ID; may hold {task} {method} {seed} for a grid
@@ -270,6 +284,8 @@ class RunOptions(Common, ModelOptions, PeftOptions):
         slurm_minutes(self.slurm_time)
         _positive("--slurm-gpus-per-node", self.slurm_gpus_per_node, integer=True)
         _positive("--slurm-array-parallelism", self.slurm_array_parallelism, integer=True)
+        _positive("--slurm-cpus-per-task", self.slurm_cpus_per_task, integer=True)
+        slurm_mem(self.slurm_mem)
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
         _positive("--eval-batch-size", self.eval_batch_size, integer=True)
