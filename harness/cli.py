@@ -49,6 +49,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "reusing the question's KV cache (same numbers up to float rounding; slower)")
     p.add_argument("--attacks", metavar="NAME[,NAME]",
                    help="score the task's forget metrics again after each attack, e.g. quant4,relearn (harness ls attacks)")
+    p.add_argument("--attack-set", action="append", metavar="ATTACK.FIELD=VALUE",
+                   help="an attack's setting, e.g. relearn.epochs=4 or quant4.quant_type=fp4 (repeatable; recorded "
+                        "and part of the run hash; settings: harness ls attacks)")
     _lm_eval_args(p)
 
 

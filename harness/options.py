@@ -141,6 +141,7 @@ class ModelOptions:
     limit: int | None = None
     shared_prefix: bool = True  # --no-shared-prefix: one full pass per answer of an option set
     attacks: str | None = None  # comma separated attack names (harness ls attacks)
+    attack_set: list[str] = field(default_factory=list)  # ATTACK.FIELD=VALUE settings of the --attacks
     # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
     utility: str | None = None
     lm_eval_tasks: str | None = None
@@ -154,6 +155,8 @@ class ModelOptions:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
         if self.attacks is not None:
             items("--attacks", self.attacks)
+        if self.attack_set and not self.attacks:
+            raise HarnessError(f"--attack-set {self.attack_set[0]!r}: give the attack in --attacks too")
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
         for flag, value in (("--utility", self.utility), ("--lm-eval-tasks", self.lm_eval_tasks)):
@@ -319,8 +322,8 @@ def to_argv(opts, skip=()) -> list[str]:
         if name in skip or value == getattr(default, name):
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag)  # store_true flags (a True default would need --no-... and none exists)
+        if isinstance(value, bool):  # store_true flags, and store_false ones named --no-FIELD (--no-shared-prefix)
+            out.append(flag if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, list):
             for v in value:
                 out.append(f"{flag}={v}")

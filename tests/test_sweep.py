@@ -107,11 +107,14 @@ def test_a_bad_sweep_value_is_one_line_naming_the_key_before_any_work(tasks, tmp
 def test_options_round_trip_through_the_flags_a_job_gets():
     opts = parse_options(["run", "-t", "tofu_*", "-m", "npo,grad_diff", "--lr", "1e-5,2e-5", "--set", "npo.beta=0.1,0.2",
                           "--set", "grad_diff.alpha=2", "--seeds", "0,1", "--accelerate", "zero3", "--save-model",
-                          "--launcher", "slurm", "--slurm-setup", "module load cuda", "-o", "res dir"])
+                          "--launcher", "slurm", "--slurm-setup", "module load cuda", "--slurm-mem", "64G",
+                          "--no-shared-prefix", "--attacks", "relearn", "--attack-set", "relearn.epochs=3",
+                          "-o", "res dir"])
     argv = opts.launch_argv()
     assert not any(a.startswith(("--launcher", "--slurm")) for a in argv)
+    assert "--no-shared-prefix" in argv  # a store_false flag parses back (it was "--shared-prefix": every job failed)
     again = parse_options(["run", *argv])
-    assert again == RunOptions(**{**vars(opts), "launcher": None, "slurm_setup": []})
+    assert again == RunOptions(**{**vars(opts), "launcher": None, "slurm_setup": [], "slurm_mem": None})
     assert to_argv(RunOptions(tasks="a", methods="b")) == ["--tasks=a", "--methods=b"]
 
 

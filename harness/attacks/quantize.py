@@ -20,6 +20,7 @@ from harness import HarnessError, hookimpl
 from harness.attacks import Attack, Attacked, AttackInput, copy_model
 
 SKIP = ("lm_head",)
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit quantizer takes
 
 
 def _bnb():
@@ -86,6 +87,10 @@ class Quant8(Attack):
     description: ClassVar[str] = "8-bit LLM.int8 weights of the linear layers (bitsandbytes)"
     threshold: float = 6.0
 
+    def check(self) -> None:
+        if self.threshold < 0:
+            raise HarnessError(f"attack 'quant8': threshold must be >= 0 (0: no outlier columns), got {self.threshold}")
+
     def apply(self, inp: AttackInput) -> Attacked:
         # logged at every forward of a float32 model; the cast to float16 is part of the LLM.int8 scheme
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -102,9 +107,15 @@ class Quant4(Attack):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     block_size: int = 64
 
-    def apply(self, inp: AttackInput) -> Attacked:
+    def check(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
             raise HarnessError(f"attack 'quant4': quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise HarnessError(f"attack 'quant4': block_size must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                               f"(bitsandbytes' blocks), got {self.block_size}")
+
+    def apply(self, inp: AttackInput) -> Attacked:
+        self.check()
         q, n, v, kept = quantize_linear(inp.model, 4, quant_type=self.quant_type, block_size=self.block_size)
         return Attacked(q, _scheme(v, n, kept, next(q.parameters()).device, bits=4, scheme=self.quant_type,
                                    group_size=self.block_size, weight_only=True))
