@@ -124,8 +124,8 @@ def _typed(where: str, cls: type, f: dataclasses.Field, text: str) -> Any:
                 raise ValueError(text)
             return value
     except ValueError:
-        raise HarnessError(f"{where}: {f.name} must be {'a finite ' if kind is float else 'a '}"
-                           f"{kind.__name__}, got {text!r}") from None
+        what = {bool: "true or false", int: "a whole number", float: "a finite number"}[kind]
+        raise HarnessError(f"{where}: {f.name} must be {what}, got {text!r}") from None
     return text
 
 
@@ -142,10 +142,13 @@ def build_attacks(names: list[str], registry, settings: dict[str, dict[str, Any]
             raise HarnessError(f"--attacks: unknown attack '{name}'{suggest(name, registry.attacks)}; "
                                f"available: {avail} (harness ls attacks){broken}")
         try:
-            attack = registry.attacks[name](**(settings or {}).get(name, {}))
+            given = (settings or {}).get(name, {})
+            attack = registry.attacks[name](**given)
             attack.check()
             out.append(attack)
-        except HarnessError:
+        except HarnessError as exc:
+            if given:  # say where the values came from
+                raise HarnessError(f"--attack-set {', '.join(f'{name}.{k}={v}' for k, v in given.items())}: {exc}") from None
             raise
         except Exception as exc:
             src = registry.sources.get(("attacks", name), "?")
