@@ -356,6 +356,21 @@ def print_grid(cells: list[Cell]) -> None:
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
+def row_names(cells: list[Cell]) -> dict[int, str]:
+    """id(cell) -> its method, with the sweep values that tell it from the task's other cells of that
+    method (``npo {lr=0.001, npo.beta=0.1}``), so the printed rows of a sweep can be told apart."""
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.task.name, c.method_name), []).append(c)
+    out = {}
+    for group in groups.values():
+        keys = [k for k in dict.fromkeys(k for c in group for k in c.point)
+                if len({repr(c.point.get(k)) for c in group}) > 1]
+        for c in group:
+            out[id(c)] = c.method_name + (f" {_point_text({k: c.point.get(k) for k in keys})}" if keys else "")
+    return out
+
+
 def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     cols: list[str] = []
     for *_, sc in rows:
@@ -423,9 +438,14 @@ def main(opts: RunOptions) -> int:
         from harness.commands.launch import submit
 
         rc = submit([rel(c, opts.output) for c in cells], opts)
-        rows = [(c.task.name, c.method_name, c.seed, read_scores(c.dir)) for c in cells if is_complete(c.dir)]
+        names = row_names(cells)
+        rows = [(c.task.name, names[id(c)], c.seed, read_scores(c.dir)) for c in cells if is_complete(c.dir)]
         if rows and opts.launcher == "local":
             print(summary_table(rows))
+            attacked = attack_table(rows)
+            if attacked:
+                print()
+                print(attacked)
         return rc
     if not opts.cell and is_main_process():  # a launched cell's grid was recorded when it was submitted
         record_grid(opts.output, [rel(c, opts.output) for c in cells], ["harness", "run", *opts.launch_argv()])
@@ -437,6 +457,7 @@ def main(opts: RunOptions) -> int:
         log.warning(note)
     rows = []
     done_tasks = set()
+    names = row_names(cells)
     for cell in cells:
         if cell.task.name not in done_tasks and is_main_process():
             done_tasks.add(cell.task.name)
@@ -452,7 +473,7 @@ def main(opts: RunOptions) -> int:
                             "saved; pass --overwrite to retrain it and save the model", cell.task.name,
                             cell.method_name, cell.seed)
         if scores is not None:
-            rows.append((cell.task.name, cell.method_name, cell.seed, scores))
+            rows.append((cell.task.name, names[id(cell)], cell.seed, scores))
             if (opts.save_model or opts.push_to_hub) and is_main_process():
                 share_cell(cell, opts, scores)
     if rows and is_main_process():
