@@ -236,3 +236,21 @@ def test_bad_attack_setting_is_one_line_before_anything_runs(tasks_dir, tmp_path
     for w in words:
         assert w in lines[0], err
     assert not any(tmp_path.iterdir())
+
+
+def test_quant4_runs_a_layer_whose_width_is_not_a_multiple_of_32():
+    """The default tiny model's MLP is 344 wide: bitsandbytes' AVX512-BF16 CPU kernel asserted on it
+    ("N must be divisible by block_n") at the first scoring forward of the quant4 attack."""
+    import torch
+
+    from harness.attacks.quantize import quantize_linear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 344), torch.nn.SiLU(), torch.nn.Linear(344, 128)).eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        want = model(x)
+        q, count, _, kept = quantize_linear(model, 4)
+        got = q(x)
+    assert count == 1 and kept == ["2"]  # 344 inputs: not a whole number of 64-weight blocks
+    assert not torch.equal(got, want) and torch.allclose(got, want, atol=0.1)

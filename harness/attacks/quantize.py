@@ -20,6 +20,7 @@ from harness import HarnessError, hookimpl
 from harness.attacks import Attack, Attacked, AttackInput, copy_model
 
 SKIP = ("lm_head",)
+CPU_PACK_ROWS = 32  # bitsandbytes' CPU-packed 4-bit kernel takes weights of a multiple of 32 output rows
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit quantizer takes
 
 
@@ -65,6 +66,11 @@ def quantize_linear(model, bits: int, *, quant_type: str = "nf4", block_size: in
                                         quant_type=quant_type, compress_statistics=False)
                 new.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quant_type,
                                                blocksize=block_size, compress_statistics=False)
+                if child.out_features % CPU_PACK_ROWS:
+                    # On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for its fast kernel at the
+                    # first no-grad forward and asserts out_features % 32 == 0 (the default tiny model's MLP is
+                    # 344 wide). Such a layer keeps the same NF4/FP4 weights through the generic kernel.
+                    new.support_avx512bf16_for_cpu = False
             if bias:
                 new.bias = torch.nn.Parameter(child.bias.data.detach().clone(), requires_grad=False)
             setattr(parent, cname, new.to(device))
