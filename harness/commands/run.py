@@ -78,7 +78,10 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
     from harness.training import TrainConfig
 
     method_training = task.method_defaults(method)[1] if method else {}
-    cfg = {**task.training, **method_training, **choice.training}
+    # an adapter run takes the profile's peft_training over its training (a LoRA update starts at zero and
+    # wants a larger learning rate; the tiny profile's)
+    profile = {**choice.training, **(choice.peft_training if peft is not None else {})}
+    cfg = {**task.training, **method_training, **profile}
     given = {flag: getattr(opts, flag) for flag in TRAIN_FLAGS if flag not in ("lr", "epochs")}
     given.update(point or {})
     flags = {TRAIN_FLAGS[flag]: v for flag, v in given.items() if v is not None}
@@ -98,7 +101,7 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
         if isinstance(value, float) and not math.isfinite(value):
             flag = key.replace("_", "-")
             where = (f"--{flag}" if key in flags
-                     else f"model profile '{choice.profile}'" if key in choice.training else f"{task.file}")
+                     else f"model profile '{choice.profile}'" if key in profile else f"{task.file}")
             raise HarnessError(f"training.{key} must be a finite number, got {value} (from {where})")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(cfg) - known
