@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload the saved model, its model card and results to the Hugging Face hub in one commit "
                         "(implies --save-model; {task} {method} {seed} name one repository per cell)")
     p.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
+    p.add_argument("--eval-every", metavar="N|F", help="score during training every N optimizer steps, or every "
+                                                         "fraction F of an epoch (0.25); rows in train_log.jsonl")
+    p.add_argument("--eval-metrics", metavar="A,B", help="metrics scored by --eval-every (default: the task's eval_metrics)")
+    p.add_argument("--keep-best", metavar="[min:|max:]METRIC",
+                   help="keep the weights of the best --eval-every step by METRIC (its declared direction "
+                        "unless min:/max:); that model is scored and saved")
     _model_args(p)
     _common(p)
 
@@ -248,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utility-fraction", type=float, metavar="F",
                    help=f"sweeps: only points keeping >= F x the Finetuned row's utility (default {UTILITY_FRACTION})")
     p.add_argument("--export", metavar="FILE.csv|FILE.json", help="sweeps: write the best-point table to FILE")
+    p.add_argument("--curves", nargs="?", const="", metavar="FILE.png",
+                   help="plot train loss and the --eval-every metrics over steps per run (default <results>/curves.png)")
     _common(p)
 
     p = sub.add_parser("status", help="cells of a results folder: done / running / failed / missing")

@@ -115,6 +115,56 @@ def tracker_names(report_to: str | None) -> list[str]:
     return items("--report-to", report_to)
 
 
+def eval_every_value(text) -> int | float | None:
+    """``--eval-every``: whole optimizer steps (``10``, an int) or a fraction of an epoch below 1 (``0.25``)."""
+    if text is None:
+        return None
+    s = str(text).strip()
+    try:
+        steps = int(s)
+    except ValueError:
+        steps = None
+    if steps is not None:
+        if steps <= 0:
+            raise HarnessError(f"--eval-every must be positive, got {text}")
+        return steps
+    try:
+        frac = float(s)
+    except ValueError:
+        raise HarnessError(f"--eval-every {text!r}: give optimizer steps (e.g. 10) or a fraction of an epoch "
+                           "(e.g. 0.25)") from None
+    if not math.isfinite(frac) or frac <= 0:
+        raise HarnessError(f"--eval-every must be positive, got {text}")
+    if frac >= 1:
+        raise HarnessError(f"--eval-every {text}: a fraction of an epoch must be below 1; give whole optimizer "
+                           "steps as an integer (e.g. 10)")
+    return frac
+
+
+def keep_best_parts(text: str) -> tuple[str | None, str]:
+    """``--keep-best [min:|max:]METRIC`` -> (direction or None for the metric's own, metric name)."""
+    s = str(text).strip()
+    direction, sep, name = s.rpartition(":")
+    if not sep:
+        direction, name = None, s
+    elif direction not in ("min", "max"):
+        raise HarnessError(f"--keep-best {text!r}: the prefix is min: or max:, not {direction}:")
+    if not name.strip():
+        raise HarnessError(f"--keep-best {text!r}: name a metric, e.g. forget_Q_A_Prob or max:forget_quality")
+    return direction, name.strip()
+
+
+def _during_training(eval_every, eval_metrics, keep_best) -> None:
+    eval_every_value(eval_every)
+    if eval_metrics is not None:
+        items("--eval-metrics", eval_metrics)
+    if keep_best is not None:
+        keep_best_parts(keep_best)
+    for flag, value in (("--eval-metrics", eval_metrics), ("--keep-best", keep_best)):
+        if value is not None and eval_every is None:
+            raise HarnessError(f"{flag} needs --eval-every N (optimizer steps, or a fraction of an epoch like 0.25)")
+
+
 def _trackers(report_to: str | None, project: str) -> None:
     tracker_names(report_to)
     if not str(project).strip():
@@ -263,12 +313,17 @@ class RunOptions(Common, ModelOptions, PeftOptions):
     tracker_project: str = TRACKER_PROJECT
     push_to_hub: str | None = None  # REPO_ID; may hold {task} {method} {seed} for a grid
     private: bool = False
+    # scoring during training (docs/running.md): steps or a fraction of an epoch; metric subset; [min:|max:]METRIC
+    eval_every: str | None = None
+    eval_metrics: str | None = None
+    keep_best: str | None = None
 
     def validate(self) -> None:
         ModelOptions.validate(self)
         items("--tasks", self.tasks)
         items("--methods", self.methods)
         _trackers(self.report_to, self.tracker_project)
+        _during_training(self.eval_every, self.eval_metrics, self.keep_best)
         if self.private and not self.push_to_hub:
             raise HarnessError("--private applies to --push-to-hub REPO_ID; give the repository too")
         if self.push_to_hub is not None and not self.push_to_hub.strip():
@@ -395,9 +450,12 @@ class ReportOptions(Common):
     best: str | None = None  # the sweep selection's objective (default: the family's plot y, e.g. forget_quality)
     utility_fraction: float = UTILITY_FRACTION
     export: str | None = None  # the selected sweep table as FILE.csv or FILE.json
+    curves: str | None = None  # FILE.png of the metrics logged during training ("" : <results>/curves.png)
 
     def validate(self) -> None:
         if not math.isfinite(self.utility_fraction) or self.utility_fraction < 0:
             raise HarnessError(f"--utility-fraction must be a finite number >= 0, got {self.utility_fraction}")
         if self.export and not self.export.endswith((".csv", ".json")):
             raise HarnessError(f"--export {self.export!r}: name a .csv or .json file")
+        if self.curves and not self.curves.endswith(".png"):
+            raise HarnessError(f"--curves {self.curves!r}: name a .png file")

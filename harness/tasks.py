@@ -22,8 +22,8 @@ from harness.io import read_yaml
 from harness.paths import safe_name
 from harness.task_attack import AttackSpec, parse_attack
 
-TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference",
-             "prompt", "data", "training", "methods", "metrics", "report", "finetune", "attack")
+TASK_KEYS = ("task", "include", "tag", "version", "description", "benchmark", "model", "reference", "prompt",
+             "data", "training", "methods", "metrics", "eval_metrics", "report", "finetune", "attack")
 DATA_KEYS = ("path", "name", "split", "format")
 TASK_FILE_FAILURE = "task file: "  # marks a task file's error among a registry's failures
 # obtain: where to get a split that is not on the hub (said when it is missing; WMDP's corpora)
@@ -76,8 +76,7 @@ def _check_keys(where: str, doc, allowed) -> None:
 
 
 def _str_list(where: str, value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
+    value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise HarnessError(f"{where}: expected a list of names, got {value!r}")
     return tuple(value)
@@ -166,6 +165,7 @@ class Task:
     report: ReportLayout | None = None
     finetune: FinetuneRecipe | None = None
     attack: AttackSpec | None = None  # what --attacks scores again; in the run hash only with --attacks
+    eval_metrics: tuple[str, ...] = ()  # --eval-every's default subset (in the hash only with --keep-best)
 
     def __post_init__(self):
         if not self.benchmark:
@@ -311,7 +311,8 @@ def parse_task(path: Path) -> Task:
                 training=training, methods=_methods(path, doc.get("methods")),
                 metrics=_metrics(path, doc["metrics"]), benchmark=bench, train_format=train_format,
                 idk=(str(idk.get("role", "idk")), str(idk.get("field", "text"))), fallbacks=fallbacks, obtain=obtain,
-                report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data))
+                report=report, finetune=finetune, attack=parse_attack(path, doc.get("attack"), data),
+                eval_metrics=_str_list(f"{path}: eval_metrics", doc.get("eval_metrics") or []))
 
 
 # ------------------------------------------------------------------------------ field types
@@ -322,9 +323,7 @@ def _kind(v) -> str:
 
 
 def _tags(path: Path, raw) -> list[str]:
-    if raw is None:
-        return []
-    tags = [raw] if isinstance(raw, str) else raw
+    tags = [] if raw is None else [raw] if isinstance(raw, str) else raw
     if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
         raise HarnessError(f"{path}: field 'tag' must be a string or a list of strings, got {raw!r}")
     for t in tags:  # a tag can name the export files (<TAG>_EVAL.json)

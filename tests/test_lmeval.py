@@ -218,6 +218,18 @@ def test_wmdp_published_setup_resolves(wmdp_corpus, lm_tasks):
     assert r"trainable_params: model\.layers\.(5|6|7)\.mlp\.down_proj\.weight" in out
 
 
+def test_wmdp_idk_dpo_and_tiny_profile(wmdp_corpus, lm_tasks):
+    """`--model tiny` covers the WMDP tasks (start: the TOFU-finetuned tiny model, no retain reference), and a
+    method that needs idk answers is refused on a corpus task before anything runs, naming method and task."""
+    d, _ = lm_tasks
+    _, out, _ = run_cli("run", "-t", "wmdp_cyber", "-m", "grad_diff", "--model", "tiny", "--dry-run", "--data-dir",
+                        wmdp_corpus, "--lm-eval-tasks", "mcq_two", "--lm-eval-include", d)
+    assert "start: 'tiny:full', reference: null" in out
+    rc, _, err = run_cli("run", "-t", "wmdp_cyber", "-m", "idk_dpo", "--model", "tiny", "--dry-run", "--data-dir",
+                         wmdp_corpus, "--lm-eval-tasks", "mcq_two", "--lm-eval-include", d, check=False)
+    assert rc != 0 and "'idk_dpo'" in err and "wmdp_cyber" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_wmdp_run_end_to_end(tmp_path, wmdp_corpus, lm_tasks):
     """Unlearn a WMDP-style task on the tiny model with the task's training defaults (constant schedule,
@@ -279,3 +291,29 @@ def test_left_padding_and_max_steps_plan():
     cfg = TrainConfig(batch_size=16, per_device_batch=1, max_steps=80, epochs=10)
     p = plan(cfg, 100, 1)  # 7 steps per epoch: 80 steps take 12 epochs, the last one cut short
     assert (p["steps_per_epoch"], p["total_steps"], p["epochs"]) == (7, 80, 12)
+
+
+def test_left_padded_training_matches_the_cached_reference():
+    """The reference log-probs are cached from right-padded batches while WMDP trains on left-padded ones: that is
+    exact only if a row's log-prob does not depend on its padding (transformers derives positions from the
+    attention mask). At the first step the policy equals the reference, so NPO's forget loss on a left-padded
+    batch of rows of different lengths must be exactly (2/beta) log 2."""
+    import tempfile
+    from pathlib import Path
+
+    from harness.io import read_jsonl
+    from harness.methods import build_method
+    from harness.plugins import get_registry
+    from harness.testing import char_tokenizer, tiny_llama, toy_data
+    from harness.training import TrainConfig, unlearn
+
+    tok = char_tokenizer()
+    forget, retain, _ = toy_data(tok)
+    assert len({len(it["input_ids"]) for it in forget}) > 1  # rows of different lengths: padding happens
+    method = build_method(get_registry().methods["npo"], {})
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=len(forget), per_device_batch=len(forget), warmup_epochs=0,
+                      weight_decay=0.0, schedule="constant", optimizer="adamw_torch", padding_side="left")
+    with tempfile.TemporaryDirectory() as tmp:
+        unlearn(tiny_llama(tok), tok, method, forget, retain, cfg, out_dir=Path(tmp))
+        row = read_jsonl(Path(tmp) / "train_log.jsonl")[0]
+    assert row["forget"] == pytest.approx(2 / method.beta * math.log(2), rel=1e-6)

@@ -119,7 +119,7 @@ def test_task_unknown_key_suggests(tmp_path):
         metric: [forget_quality]
         data: {forget: {path: locuslab/TOFU, name: forget01}}
     """)
-    with pytest.raises(HarnessError, match=r"t.yaml: unknown key 'metric' \(did you mean 'metrics'\?\)"):
+    with pytest.raises(HarnessError, match=r"t.yaml: unknown key 'metric' \(did you mean 'metrics'[,?]"):
         parse_task(f)
 
 

@@ -138,6 +138,23 @@ def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *,
     return scores
 
 
+def score_values(task, model, tokenizer, template, choice, opts: ModelOptions, metrics: list[str], *,
+                 eval_batch_size: int, registry=None) -> dict[str, float | None]:
+    """``metrics`` (a subset; each with the task's own arguments where it lists them) scored as ``score_model``
+    scores them, without writing files: the values ``--eval-every`` logs during training. Metrics that
+    report several numbers give one value per part (``lm_eval``: ``<task>/<metric>``)."""
+    from harness.metrics import flat_scores
+
+    args = dict(task.metrics)
+    wanted = [(name, dict(args.get(name, {}))) for name in metrics]
+    scores = evaluate_task(task, model, tokenizer, template, reference=choice.reference, metrics=wanted,
+                           batch_size=eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
+                           registry=registry, data_dir=opts.data_dir, max_length=opts.max_length, progress=False,
+                           shared_prefix=opts.shared_prefix,
+                           reference_options={"dtype": choice.dtype, "trust_remote_code": opts.trust_remote_code})
+    return {name: s.value for name, s, parent in flat_scores({n: scores[n] for n in metrics})}
+
+
 def lm_eval_run(model, choice, dtype: str, identity: dict, model_path: str | None, trained: bool) -> dict:
     """What the lm-eval results file says about the scored model (lm-eval's ``model_args`` string)."""
     prov = provenance()

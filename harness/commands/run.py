@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import HarnessError, __version__
-from harness.commands import sweep
+from harness.commands import sweep, train_eval
 from harness.commands.job import LOG_ENV
 from harness.commands.share import check_sharing, open_trackers, share_cell
 from harness.methods import build_method, check_required
@@ -43,6 +43,7 @@ class Cell:
     dir: Path
     plugin: str = ""
     point: dict = dataclasses.field(default_factory=dict)  # the swept keys' values ({"lr": 1e-5, "npo.beta": 0.1})
+    during: dict | None = None  # --eval-every / --keep-best settings (commands/train_eval.py)
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -143,6 +144,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         fingerprints = identity_config(task, choice, reg, opts.data_dir)
         if attacks:
             check_attack_metrics(task, reg)
+        during = train_eval.settings(task, choice, opts, reg)
         for mname, point in ((m, p) for m in methods for p in sweep.points(grid, m)):
             try:
                 method, plugin = build_cell_method(task, mname, reg, sweep.method_part(point, mname),
@@ -160,13 +162,15 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                           "data_sources": sources, "fingerprints": fingerprints}
                 if attacks:  # only then: runs without attacks keep their hashes
                     config["attacks"] = {"attacks": attacks, "task": task.attack.to_dict()}
+                if during and "keep_best" in during:  # it changes the model scored; --eval-every alone does not
+                    config["during_training"] = during
                 d = run_dir(opts.output, choice.label, tname, mname, config, seed)
                 if d in seen:  # two points resolving to one configuration would share (and fight over) a folder
                     raise HarnessError(f"{tname} x {mname} x seed {seed}: sweep points {_point_text(seen[d])} and "
                                        f"{_point_text(point)} resolve to the same configuration ({d.name})")
                 seen[d] = point
                 cells.append(Cell(task, mname, method, seed, choice, train, config, d, plugin,
-                                  {k: v for k, v in point.items() if k in swept}))
+                                  {k: v for k, v in point.items() if k in swept}, during))
     return cells
 
 
@@ -205,6 +209,10 @@ def build_cell_method(task: Task, mname: str, reg, sets: dict, profile: dict | N
     except Exception as exc:
         raise HarnessError(f"method '{mname}' from plugin '{plugin}' failed to build: {one_line(exc)}") from exc
     check_required(method, f"task '{task.name}' ({task.file}): ")
+    if getattr(cls, "uses_idk", False) and ("idk" not in task.data or task.train_format == "corpus"):
+        raise HarnessError(f"method '{mname}' trains towards alternative answers (data role 'idk') of question-"
+                           f"answer rows, which task '{task.name}' ({task.file}) does not have; use it on a QA task "
+                           "(e.g. tofu_*) or add data.idk to the task")
     return method, plugin
 
 
@@ -261,7 +269,8 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     if getattr(cell.method, "uses_idk", False):
         idk = idk_items(task, tok, template, forget_rows, opts.data_dir, cfg.max_length)
     first_plan = training.plan(cfg, len(forget), 1)
-    write_config(cell.dir, cell.config, {"plan": first_plan})
+    recorded = {"during_training": cell.during} if cell.during else {}
+    write_config(cell.dir, cell.config, {"plan": first_plan, **recorded})
     log.info("unlearning %s with %s (seed %d): %d forget / %d retain items -> %s",
              task.name, cell.method_name, cell.seed, len(forget), len(retain), cell.dir)
     save = opts.save_model or bool(opts.push_to_hub)
@@ -269,19 +278,22 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
     if save:  # with --merge: the merged plain checkpoint in model/, the adapter in model/adapter/
         save_dir = cell.dir / "model" / "adapter" if opts.merge else cell.dir / "model"
     tracker = open_trackers(cell, opts, first_plan)
+    if registry is None:
+        registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+    evaluator = train_eval.evaluator(cell.during, task, tok, template, choice, opts, registry)
     try:
         result = training.unlearn(model, tok, guard_method(cell.method, cell.method_name, cell.plugin), forget,
                                   retain, cfg, idk_items=idk, out_dir=cell.dir, template=template,
                                   forget_qa=_forget_qa(task, forget_rows), cache_reference=not opts.no_cache_reference,
-                                  save_dir=save_dir, tracker=tracker)
-        write_config(cell.dir, cell.config, {"plan": result.info})
+                                  save_dir=save_dir, tracker=tracker, evaluator=evaluator)
+        write_config(cell.dir, cell.config, {"plan": result.info, **recorded})
         if not is_main_process():
             return None
         meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
                 "seed": cell.seed, "model": choice.label, "harness_version": __version__,
                 "train_seconds": round(time.time() - t0, 1), "hparams": hparams(cell), "sweep": cell.point}
-        if registry is None:
-            registry = get_registry(plugins_dirs=opts.plugins_dir, include_tasks=opts.include_tasks)
+        if train_eval.best_of(result.info):  # the scored model is the best --eval-every step's
+            meta["keep_best"] = train_eval.best_of(result.info)
         if save_dir is not None and cfg.peft is not None:
             save_template(save_dir, template)  # `harness eval --model <adapter dir>` prompts as this run did
         score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,

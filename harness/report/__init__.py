@@ -135,6 +135,11 @@ def main(opts: ReportOptions) -> int:
                 p = Path(plot_path)
                 done = plot_attacks(cells, p.with_name(f"{p.stem}_attacks{p.suffix or '.png'}"))
                 print(f"attack plot (before vs after) written to {done}")
+    if args.curves is not None:
+        from harness.report.curves import plot_curves
+
+        target = Path(args.curves) if args.curves else Path(args.results) / "curves.png"
+        print(f"training curves written to {plot_curves(runs, target)}")
     return 0
 
 

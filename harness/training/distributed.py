@@ -12,6 +12,7 @@ CPU facts this relies on (checked with torch 2.13, accelerate 1.15, deepspeed 0.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -207,6 +208,26 @@ def consolidate(accelerator, prepared_model):
         plain.tie_weights()
     plain.train(model.training)
     return plain
+
+
+@contextlib.contextmanager
+def plain_view(accelerator, prepared_model):
+    """A plain model to score in the middle of training: the unwrapped model itself, or under ZeRO-3 a
+    consolidated copy on every rank (all ranks gather together), dropped afterwards; the DeepSpeed config
+    registered with transformers is put back for the rest of training."""
+    if zero_stage(accelerator) != 3:
+        yield accelerator.unwrap_model(prepared_model)
+        return
+    plain = consolidate(accelerator, prepared_model)
+    try:
+        yield plain
+    finally:
+        del plain
+        dschf = getattr(accelerator.state.deepspeed_plugin, "dschf", None)
+        if dschf is not None:
+            from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+            set_hf_deepspeed_config(dschf)
 
 
 def release(accelerator) -> None:

@@ -92,12 +92,15 @@ def _run(
     trainable: list[str] | None = None,
     state=None,
     tracker=None,
+    evaluator=None,
 ):
     """The loop shared by ``finetune`` and ``unlearn``. Returns a ``TrainResult`` (plain, unsharded model).
 
     ``trainable``: regexes of the only parameters the optimizer updates (all get gradients). ``state``: the
     method's ``TrainingState`` (kept at the current epoch/step) and its ``log_state`` callable, or ``None``.
-    ``tracker``: a ``harness.training.tracking.Trackers`` (main process only) that gets every log row."""
+    ``tracker``: a ``harness.training.tracking.Trackers`` (main process only) that gets every log row.
+    ``evaluator``: a ``harness.training.periodic.PeriodicEval`` (every rank): ``eval/*`` values join the rows of
+    the steps it scores (a step-0 row for the start model) and, with keep-best, the best weights are returned."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -146,6 +149,8 @@ def _run(
     # counted before ZeRO-3 partitions the parameters (a shard's numel is 0)
     info["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters()
                                        if p.requires_grad and (only is None or n in only))
+    if evaluator is not None:
+        evaluator.start(steps["total_steps"], steps["steps_per_epoch"], model, only)
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg, steps["total_steps"], steps["warmup_steps"])
     if after_prepare is not None:
@@ -158,6 +163,8 @@ def _run(
     bar = tqdm(total=steps["total_steps"], desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
     step = 0
     try:
+        if evaluator is not None and evaluator.at_start:
+            log.write({"step": 0, "epoch": 0.0, **evaluator(acc, model, 0, 0.0)})
         for epoch in range(steps["epochs"]):
             order = epoch_order(n_anchor, cfg.seed, epoch, rank, world)
             micro = [order[i : i + cfg.per_device_batch] for i in range(0, len(order), cfg.per_device_batch)]
@@ -196,6 +203,8 @@ def _run(
                     means = dict(zip(keys, t.tolist()))
                 row = {"step": step, "epoch": round(epoch + (start + len(group)) / len(micro), 4), **means,
                        "grad_norm": None if grad_norm is None else _scalar(grad_norm), "lr": lr}
+                if evaluator is not None and evaluator.due(step):
+                    row.update(evaluator(acc, model, step, row["epoch"]))
                 log.write(row)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 bar.update(1)
@@ -206,6 +215,9 @@ def _run(
         bar.close()
     acc.wait_for_everyone()
     plain = dist_utils.consolidate(acc, model)
+    if evaluator is not None:  # with keep-best the final model is the best step's (saved and scored so)
+        evaluator.restore(acc, plain)
+        info["during_training"] = evaluator.record()
     plain.eval()
     if save_dir is not None:
         save_model(plain, tokenizer, save_dir, is_main=acc.is_main_process)
@@ -252,7 +264,8 @@ def save_model(model, tokenizer, out: Path, *, is_main: bool = True) -> None:
 
 
 def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc: str = "finetune",
-             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None, tracker=None):
+             out_dir: Path | None = None, save_dir: Path | None = None, accelerator=None, tracker=None,
+             evaluator=None):
     """Finetune ``model`` on encoded ``items`` (dicts with ``input_ids`` and ``labels``) with plain NLL.
 
     The loss is HF's token-mean cross-entropy over each micro-batch. Deterministic for a given
@@ -270,7 +283,8 @@ def finetune(model, tokenizer, items: Sequence[dict], cfg: TrainConfig, *, desc:
         return token_mean_nll(forward_logits(m, part), part["labels"]), {}
 
     return _run(model, tokenizer, cfg, n_anchor=len(items), make_batch=make_batch, loss_fn=loss_fn,
-                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir, tracker=tracker)
+                out_dir=out_dir, desc=desc, accelerator=accelerator, save_dir=save_dir, tracker=tracker,
+                evaluator=evaluator)
 
 
 def method_uses_reference(method) -> bool:
@@ -317,6 +331,7 @@ def unlearn(
     template=None,
     forget_qa: Sequence[tuple[str, str]] | None = None,
     tracker=None,
+    evaluator=None,
 ):
     """Unlearn ``forget_items`` from ``model`` with ``method`` (a ``harness.methods.Method`` instance).
 
@@ -333,7 +348,8 @@ def unlearn(
     - ``cache_reference``: memoise reference sequence log-probs; ``False`` recomputes every call (and so
       keeps the frozen model). ``info["reference_forwards"]`` counts the reference forwards run.
     - ``out_dir``: gets ``train_log.jsonl``; ``save_dir``: a Hugging Face checkpoint of the result;
-      ``tracker``: ``--report-to`` trackers (``harness.training.tracking.Trackers``) that get each log row.
+      ``tracker``: ``--report-to`` trackers (``harness.training.tracking.Trackers``) that get each log row;
+      ``evaluator``: scoring during training and keep-best (``harness.training.periodic.PeriodicEval``).
     - ``template``/``forget_qa``: the prompt template and the forget ``(question, answer)`` texts, for a
       method's prepare step (``Method.prepare``, run on the start model before training; what it builds is
       cached in ``out_dir/prepare/``). Its ``"forget"`` part replaces ``forget_items``, other parts join
@@ -422,7 +438,7 @@ def unlearn(
     result = _run(model, tokenizer, cfg, n_anchor=len(forget), make_batch=make_batch, loss_fn=loss_fn,
                   out_dir=out_dir, desc=desc or f"unlearn {method.name}", accelerator=accelerator,
                   after_prepare=after_prepare_all, save_dir=save_dir, trainable=trainable_patterns(method),
-                  state=(run_state, log_state), tracker=tracker)
+                  state=(run_state, log_state), tracker=tracker, evaluator=evaluator)
     result.info["method_seed"] = cfg.seed  # the method's generator is harness.methods.method_generator(seed)
     if run_state.records:
         result.info["method_records"] = dict(run_state.records)

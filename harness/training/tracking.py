@@ -126,8 +126,12 @@ class Trackers:
                 tracker.log(values, step=step)
 
     def log_row(self, row: dict, prefix: str = "train") -> None:
-        """One ``train_log.jsonl`` row (it carries its optimizer ``step``)."""
-        self.log(scalars(row, prefix), int(row.get("step", self.last_step)))
+        """One ``train_log.jsonl`` row (it carries its optimizer ``step``); its ``eval/<metric>`` values
+        (``--eval-every``) keep their names, the names the final scores get."""
+        scored = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+        rest = {k: v for k, v in row.items() if not k.startswith("eval/")}
+        step = int(row.get("step", self.last_step))
+        self.log({**scalars(rest, prefix), **scalars(scored, "eval")}, step)
 
     def log_scores(self, metrics: dict) -> None:
         """Final scores (``scores.json``'s ``metrics``) under ``eval/``, at the last training step."""
