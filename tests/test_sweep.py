@@ -9,6 +9,7 @@ from conftest import cheap_task_yaml, run_cli
 from harness import HarnessError
 from harness.cli import parse_options
 from harness.commands import run as runner
+from harness.commands import sweep
 from harness.options import RunOptions, slurm_minutes, to_argv
 from harness.plugins import get_registry
 
@@ -56,14 +57,14 @@ def test_comma_lists_expand_to_the_cartesian_product_in_stable_order(tasks, tmp_
 def test_printed_rows_of_a_sweep_name_their_point(tasks, tmp_path):
     cells = grid(tasks, tmp_path, "-m", "npo,grad_diff", "--lr", "5e-4,1e-3", "--set", "npo.beta=0.1,0.5",
                  "--epochs", "2")
-    names = runner.row_names(cells)
+    names = sweep.row_names(cells)
     assert [names[id(c)] for c in cells] == [
         "npo {lr=0.0005, npo.beta=0.1}", "npo {lr=0.0005, npo.beta=0.5}", "npo {lr=0.001, npo.beta=0.1}",
         "npo {lr=0.001, npo.beta=0.5}", "grad_diff {lr=0.0005}", "grad_diff {lr=0.001}"]  # epochs=2 is not swept
     rows = [("t", names[id(c)], 0, {"metrics": {"forget_quality": {"value": 0.5}}}) for c in cells]
     assert "npo {lr=0.001, npo.beta=0.5}" in runner.summary_table(rows)
     plain = grid(tasks, tmp_path, "-m", "npo")
-    assert runner.row_names(plain) == {id(plain[0]): "npo"}
+    assert sweep.row_names(plain) == {id(plain[0]): "npo"}
 
 
 def test_a_sweep_point_is_the_same_cell_as_the_single_run(tasks, tmp_path):

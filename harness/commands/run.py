@@ -371,19 +371,12 @@ def print_grid(cells: list[Cell]) -> None:
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
-def row_names(cells: list[Cell]) -> dict[int, str]:
-    """id(cell) -> its method, with the sweep values that tell it from the task's other cells of that
-    method (``npo {lr=0.001, npo.beta=0.1}``), so the printed rows of a sweep can be told apart."""
-    groups: dict[tuple[str, str], list[Cell]] = {}
-    for c in cells:
-        groups.setdefault((c.task.name, c.method_name), []).append(c)
-    out = {}
-    for group in groups.values():
-        keys = [k for k in dict.fromkeys(k for c in group for k in c.point)
-                if len({repr(c.point.get(k)) for c in group}) > 1]
-        for c in group:
-            out[id(c)] = c.method_name + (f" {_point_text({k: c.point.get(k) for k in keys})}" if keys else "")
-    return out
+def print_tables(rows: list[tuple[str, str, int, dict]]) -> None:
+    print(summary_table(rows))
+    attacked = attack_table(rows)
+    if attacked:
+        print()
+        print(attacked)
 
 
 def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
@@ -453,14 +446,10 @@ def main(opts: RunOptions) -> int:
         from harness.commands.launch import submit
 
         rc = submit([rel(c, opts.output) for c in cells], opts)
-        names = row_names(cells)
+        names = sweep.row_names(cells)
         rows = [(c.task.name, names[id(c)], c.seed, read_scores(c.dir)) for c in cells if is_complete(c.dir)]
         if rows and opts.launcher == "local":
-            print(summary_table(rows))
-            attacked = attack_table(rows)
-            if attacked:
-                print()
-                print(attacked)
+            print_tables(rows)
         return rc
     if not opts.cell and is_main_process():  # a launched cell's grid was recorded when it was submitted
         record_grid(opts.output, [rel(c, opts.output) for c in cells], ["harness", "run", *opts.launch_argv()])
@@ -472,7 +461,7 @@ def main(opts: RunOptions) -> int:
         log.warning(note)
     rows = []
     done_tasks = set()
-    names = row_names(cells)
+    names = sweep.row_names(cells)
     for cell in cells:
         if cell.task.name not in done_tasks and is_main_process():
             done_tasks.add(cell.task.name)
@@ -493,11 +482,7 @@ def main(opts: RunOptions) -> int:
                 share_cell(cell, opts, scores)
     if rows and is_main_process():
         print()
-        print(summary_table(rows))
-        attacked = attack_table(rows)
-        if attacked:
-            print()
-            print(attacked)
+        print_tables(rows)
     if opts.accelerate and opts.accelerate != "single":
         distributed.clean_exit(0)
     return 0
