@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the profile's retain (reference) model of each task instead of its start model (the Retain row)")
     _eval_batch_arg(p, alias=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--accelerate", metavar="single|ddp|zero3|FILE",
+                   help="re-launch under accelerate (or torchrun): every process scores a shard of each data source")
     _model_args(p)
     _common(p)
 

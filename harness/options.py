@@ -271,6 +271,7 @@ class EvalOptions(Common, ModelOptions):
     retain_model: bool = False
     eval_batch_size: int = EVAL_BATCH_SIZE
     overwrite: bool = False
+    accelerate: str | None = None  # ddp|zero3|FILE: re-launch; every process scores a shard of the rows
 
     def validate(self) -> None:
         ModelOptions.validate(self)

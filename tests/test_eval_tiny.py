@@ -214,9 +214,8 @@ def test_metrics_share_forward_passes(env, monkeypatch):
         return real(model, items, *a, **kw)
 
     monkeypatch.setattr(prim, "forward_stats", counting)
-    names = ["forget_Q_A_Prob", "mia_min_k", "mia_loss", "mia_zlib", "mia_min_k_plus_plus",
-             "extraction_strength", "exact_memorization"]
-    for share, expected in ((True, 2), (False, 1 + 2 * 4 + 2)):
+    names = ["forget_Q_A_Prob", "mia_min_k", "mia_loss", "mia_zlib", "extraction_strength", "exact_memorization"]
+    for share, expected in ((True, 2), (False, 1 + 2 * 3 + 2)):
         calls.clear()
         ctx = EvalContext(env["task"], env["model"], env["tok"], env["template"], limit=LIMIT, progress=False,
                           registry=env["reg"], share=share)
@@ -224,6 +223,9 @@ def test_metrics_share_forward_passes(env, monkeypatch):
             ctx.score(n)
         # shared: one pass over forget_eval answers and one over holdout; naive: each metric its own
         assert len(calls) == expected
+        # Min-k++ reads z-scores, which the shared passes leave out unless asked: asked last, both are redone
+        ctx.score("mia_min_k_plus_plus")
+        assert len(calls) == expected + 2
 
 
 def test_attention_mask_switch_reproduces_the_pad_eq_eos_quirk(env):

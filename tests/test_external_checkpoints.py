@@ -193,39 +193,78 @@ def test_tokenizer_larger_than_embedding_is_named(env, tiny_full_dir):
     check_checkpoint(load_model(str(tiny_full_dir)), load_tokenizer(str(tiny_full_dir)), "ok")
 
 
-def test_rows_longer_than_the_context_are_listed(tiny_full_dir, env):
-    short = _variant(env, "short_ctx", tiny_full_dir, edit_config=lambda c: c.update(max_position_embeddings=16))
+def _gpt2(env, tiny_full_dir, n_positions=16):
+    """A GPT-2 (learned absolute position table ``wpe``) with the tiny tokenizer and a short context."""
+    d = env / f"gpt2_ctx{n_positions}"
+    if not d.exists():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        tok = load_tokenizer(str(tiny_full_dir))
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(d)
+        tok.save_pretrained(d)
+    return d
+
+
+def test_rows_longer_than_the_context_are_listed_for_learned_positions(tiny_full_dir, env):
+    short = _gpt2(env, tiny_full_dir)
     model = load_model(str(short))
     with pytest.raises(HarnessError) as exc:
         check_lengths(model, [10, 40, 16, 17, 12], str(short), what="task 't' data role 'forget'")
     assert str(exc.value) == (f"{short} has a context of 16 tokens but 2 row(s) of task 't' data role 'forget' are "
                               "longer (rows 1, 3; up to 40 tokens): pass --max-length 15 to truncate them (the "
-                              "end-of-sequence token is appended after truncation)")
+                              "end-of-sequence token is appended after truncation; its learned position table "
+                              "'transformer.wpe' has 16 rows)")
     check_lengths(model, [16, 3], str(short), what="x")
 
 
-def test_eval_on_mismatched_or_short_checkpoints_says_what_to_pass(env, tiny_full_dir):
+def test_rotary_rows_past_the_context_are_scored_and_said_once(tiny_full_dir, env, caplog):
+    """A rotary model has no position table: longer rows are scored as the reference scores them (MUSE
+    privleak rows are bos + 2048 tokens on 2048-context models), with one notice."""
+    short = _variant(env, "short_ctx", tiny_full_dir, edit_config=lambda c: c.update(max_position_embeddings=16))
+    model = load_model(str(short))
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        for _ in range(2):
+            check_lengths(model, [10, 40, 16, 17, 12], str(short), what="task 't' data role 'forget'")
+    notes = [r.getMessage() for r in caplog.records if "beyond it" in r.getMessage()]
+    assert notes == [f"{short} declares a context of 16 tokens; rows of up to 40 tokens (task 't' data role "
+                     "'forget') use positions beyond it, as the reference does (it has no position table; "
+                     "--max-length 15 truncates them instead)"]
+
+
+def test_eval_on_mismatched_or_short_checkpoints_says_what_to_pass(env, tiny_full_dir, caplog, monkeypatch):
     rc, _, err = _eval(env, str(_mismatched(env)), "--template", env / "template.yaml", check=False)
     _one_error(rc, err, "512 token ids but the model's embedding has 99 rows")
-    short = _variant(env, "short_ctx", tiny_full_dir, edit_config=lambda c: c.update(max_position_embeddings=16))
-    rc, _, err = _eval(env, str(short), "--template", env / "template.yaml", check=False)
-    _one_error(rc, err, "has a context of 16 tokens", "pass --max-length 15")
-    rc, out, _ = _eval(env, str(short), "--template", env / "template.yaml", "--max-length", "15")
+    gpt2 = _gpt2(env, tiny_full_dir)
+    rc, _, err = _eval(env, str(gpt2), "--template", env / "template.yaml", check=False)
+    _one_error(rc, err, "has a context of 16 tokens", "pass --max-length 15", "'transformer.wpe'")
+    rc, out, _ = _eval(env, str(gpt2), "--template", env / "template.yaml", "--max-length", "15")
     assert 0.0 <= _value(out) <= 1.0
+    # the same weights declaring a 16-token context: a rotary model scores the long rows unchanged
+    short = _variant(env, "short_ctx", tiny_full_dir, edit_config=lambda c: c.update(max_position_embeddings=16))
+    from harness import hub
+
+    monkeypatch.setattr(hub, "_noticed", set())
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        _, out, _ = _eval(env, str(short), "--template", env / "template.yaml")
+    assert sum("positions beyond it" in r.getMessage() for r in caplog.records) == 1
+    _, full, _ = _eval(env, str(tiny_full_dir), "--template", env / "template.yaml")
+    assert _value(out) == _value(full)
+    _, cut, _ = _eval(env, str(short), "--template", env / "template.yaml", "--max-length", "15")
+    assert _value(cut) != _value(full)
 
 
 CUSTOM_CODE = """\
 import pathlib
 pathlib.Path({marker!r}).write_text("custom code ran")
 from transformers import LlamaConfig, LlamaForCausalLM
-
 class MyConfig(LlamaConfig):
     model_type = "my_llama"
-
 class MyModel(LlamaForCausalLM):
     config_class = MyConfig
 """
-
 
 def test_custom_code_runs_only_with_trust_remote_code(env, tiny_full_dir, tmp_path):
     marker = tmp_path / "marker.txt"

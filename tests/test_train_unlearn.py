@@ -138,6 +138,13 @@ def test_zero3_one_process_npo_matches_single_and_saves_plain_checkpoint(tok, da
         models[mode] = unlearn(tiny_llama(tok), tok, METHODS["npo"](), forget[:2], retain, _cfg(epochs=1, accelerate=mode),
                                out_dir=out, save_dir=out / "model")
         logs[mode] = read_jsonl(out / "train_log.jsonl")
+    # the launcher variables the one-process group needs stay in this process, marked as the harness's own:
+    # this process does not count as launched, and a re-launched child does not inherit them (stale port)
+    from harness.training import distributed
+
+    assert {"LOCAL_RANK", "MASTER_PORT"} <= distributed.own_env_keys() and not distributed.under_launcher()
+    _, child = distributed.launch_command(["run"], "ddp", num_processes=2)
+    assert not (set(child) & distributed.own_env_keys()) and distributed.OWN_ENV not in child
     assert len(logs["zero3"]) == 1
     for a, b in zip(logs["single"], logs["zero3"]):
         for key in ("loss", "forget", "retain", "grad_norm", "lr"):

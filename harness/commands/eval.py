@@ -18,10 +18,21 @@ from harness.results.rundir import claim, is_complete, provenance, replacing, wr
 from harness.results.tables import ARROWS, Sheet, console_value, display_name, to_plain
 from harness.scoring.attacked import check_attack_metrics
 from harness.scoring.evaluate import evaluate_task, score_rows, template_dict
+from harness.scoring.shard import agree, is_writer
 from harness.tasks import select
 
 
 def main(opts: EvalOptions) -> int:
+    if opts.accelerate and opts.accelerate != "single":  # every rank scores a shard (scoring/shard.py)
+        from harness.options import to_argv
+        from harness.training import distributed
+
+        rc = distributed.relaunch(["eval", *to_argv(opts)], opts.accelerate)
+        if rc != -1:
+            return rc
+        score_tasks(opts)
+        distributed.clean_exit(0)
+        return 0
     score_tasks(opts)
     return 0
 
@@ -64,23 +75,26 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
             config["attacks"] = {"attacks": attacks, "task": task.attack.to_dict()}
         out = Path(opts.output) / safe_name(choice.label, "model label") / task.name / opts.name / f"{config_hash(config)}-s0"
         dirs[task.name] = out
-        if is_complete(out) and not opts.overwrite:
+        # the ranks of a multi-process job take rank 0's decisions (another job may finish meanwhile)
+        if agree(is_complete(out) and not opts.overwrite):
             _report_existing(task.name, out)
             continue
         with claim(out) as mine:
-            if not mine:
+            if not agree(mine):
                 print(f"{task.name}: another process is scoring {out}; skipped")
                 continue
-            if is_complete(out) and not opts.overwrite:  # finished meanwhile, or restored by the claim
+            if agree(is_complete(out) and not opts.overwrite):  # finished meanwhile, or restored by the claim
                 _report_existing(task.name, out)
                 continue
             with replacing(out, opts.overwrite):
-                write_config(out, config)
+                if is_writer():
+                    write_config(out, config)
                 identity = {"method": opts.name, "method_display": display_name(opts.name),
                             "seed": 0}
                 score_model(task, model, tok, template, choice, opts, out_dir=out, dtype=dtype, identity=identity,
                             registry=reg)
-            print(f"results: {out}")
+            if is_writer():
+                print(f"results: {out}")
     return dirs
 
 
@@ -99,6 +113,8 @@ def with_lm_eval_options(task, opts: ModelOptions):
 
 
 def _report_existing(name: str, out: Path) -> None:
+    if not is_writer():
+        return
     print(f"{name}: results exist in {out} (use --overwrite to recompute)")
     _print_existing(out)
 
@@ -132,7 +148,7 @@ def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *,
                            reference_options={"dtype": dtype, "trust_remote_code": opts.trust_remote_code},
                            attacks=attacks, attack_seed=int(identity.get("seed", 0)),
                            training={**task.training, **choice.training})
-    if print_table:
+    if print_table and is_writer():
         top = [n for n, _ in task.metrics]
         print(metric_table(score_rows(scores, reg, top), title=f"{task.name} ({choice.label})"))
     return scores

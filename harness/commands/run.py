@@ -222,11 +222,13 @@ def run_cell(cell: Cell, opts: RunOptions, registry=None) -> dict | None:
 
     ``registry``: the one built with the command's --plugins-dir / --include-tasks (by default the cached
     one for ``opts``), so a plugin's metric scores the unlearned model as it scored the baseline."""
+    from harness.scoring.shard import agree
+
     with claim(cell.dir) as mine:
-        if not mine:
+        if not agree(mine):  # the ranks of a job take rank 0's decisions
             log.warning("skip %s: another process is running it", cell.dir)
             return None
-        if is_complete(cell.dir) and not opts.overwrite:
+        if agree(is_complete(cell.dir) and not opts.overwrite):
             return read_scores(cell.dir)
         try:
             with replacing(cell.dir, opts.overwrite):
@@ -286,20 +288,20 @@ def _unlearn_and_score(cell: Cell, opts: RunOptions, registry) -> dict | None:
                                   retain, cfg, idk_items=idk, out_dir=cell.dir, template=template,
                                   forget_qa=_forget_qa(task, forget_rows), cache_reference=not opts.no_cache_reference,
                                   save_dir=save_dir, tracker=tracker, evaluator=evaluator)
-        write_config(cell.dir, cell.config, {"plan": result.info, **recorded})
-        if not is_main_process():
-            return None
+        if is_main_process():
+            write_config(cell.dir, cell.config, {"plan": result.info, **recorded})
+        # every rank holds the consolidated model and scores a shard of each source (scoring/shard.py)
         meta = {"method": cell.method_name, "method_display": type(cell.method).display_name or cell.method_name,
                 "seed": cell.seed, "model": choice.label, "harness_version": __version__,
                 "train_seconds": round(time.time() - t0, 1), "hparams": hparams(cell), "sweep": cell.point}
         if train_eval.best_of(result.info):  # the scored model is the best --eval-every step's
             meta["keep_best"] = train_eval.best_of(result.info)
-        if save_dir is not None and cfg.peft is not None:
+        if save_dir is not None and cfg.peft is not None and is_main_process():
             save_template(save_dir, template)  # `harness eval --model <adapter dir>` prompts as this run did
         score_model(task, result.model, tok, template, choice, opts, out_dir=cell.dir, dtype=choice.dtype,
                     identity=meta, registry=registry, print_table=False, trained=True,
                     model_path=str(cell.dir / "model") if save else None)
-        if opts.merge and cfg.peft is not None:
+        if opts.merge and cfg.peft is not None and is_main_process():
             # after scoring: merging changes the model in place, and the scores are those of the adapter applied
             from harness.training.adapters import save_merged
 
@@ -463,7 +465,7 @@ def main(opts: RunOptions) -> int:
     done_tasks = set()
     names = sweep.row_names(cells)
     for cell in cells:
-        if cell.task.name not in done_tasks and is_main_process():
+        if cell.task.name not in done_tasks:  # every rank: the baseline is scored in shards too
             done_tasks.add(cell.task.name)
             base = baseline(cell.task, opts)
             if base:

@@ -112,8 +112,8 @@ def mia_min_k(ctx, k: float = 0.4, forget=None, holdout=None) -> Score:
 def mia_min_k_plus_plus(ctx, k: float = 0.4, forget=None, holdout=None) -> Score:
     """Min-k++ attack AUC (k = 0.4)."""
     f, h = _sources(ctx, forget, holdout)
-    return _mia_result([min_k_plus_plus_score(s.z, k) for s in ctx.stats(f)],
-                       [min_k_plus_plus_score(s.z, k) for s in ctx.stats(h)], float32=True)
+    return _mia_result([min_k_plus_plus_score(s.z, k) for s in ctx.stats(f, need="z")],
+                       [min_k_plus_plus_score(s.z, k) for s in ctx.stats(h, need="z")], float32=True)
 
 
 @metric("mia_loss", better="lower", into=METRICS)

@@ -153,14 +153,42 @@ def check_checkpoint(model, tokenizer, name: str) -> None:
                            "(tokenizer and weights do not belong together); use the checkpoint's own tokenizer")
 
 
+def learned_positions(model) -> str | None:
+    """The name of the model's learned absolute position table (GPT-2's ``wpe``, OPT's ``embed_positions``),
+    None when it has none (rotary or ALiBi positions: nothing indexes a table by position)."""
+    import torch
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, mod in model.named_modules():
+        last = name.rsplit(".", 1)[-1].lower()
+        if isinstance(mod, torch.nn.Embedding) and mod is not emb and (last == "wpe" or "pos" in last):
+            return name
+    return None
+
+
 def check_lengths(model, lengths: list[int], name: str, *, what: str) -> None:
-    """Rows longer than the checkpoint's context would run on positions it never saw (or crash)."""
+    """Rows longer than the checkpoint's declared context.
+
+    With a learned absolute position table they would index past it (a crash): a one-line error naming
+    ``--max-length``. Rotary (and other table-free) models are scored as the reference scores them
+    (e.g. MUSE privleak rows of bos + 2048 tokens on a 2048-context model); that is said once."""
     ctx = context_length(model)
     if ctx is None or not lengths:
         return
     long = [i for i, n in enumerate(lengths) if n > ctx]
-    if long:
-        shown = ", ".join(map(str, long[:5])) + (f" and {len(long) - 5} more" if len(long) > 5 else "")
-        raise HarnessError(f"{name} has a context of {ctx} tokens but {len(long)} row(s) of {what} are longer "
-                           f"(rows {shown}; up to {max(lengths)} tokens): pass --max-length {ctx - 1} to truncate them "
-                           "(the end-of-sequence token is appended after truncation)")
+    if not long:
+        return
+    table = learned_positions(model)
+    if table is None:
+        from harness.hub import notice_once
+
+        notice_once(f"long-rows:{name}:{ctx}",
+                    f"{name} declares a context of {ctx} tokens; rows of up to {max(lengths)} tokens ({what}) use "
+                    f"positions beyond it, as the reference does (it has no position table; --max-length {ctx - 1} "
+                    "truncates them instead)")
+        return
+    shown = ", ".join(map(str, long[:5])) + (f" and {len(long) - 5} more" if len(long) > 5 else "")
+    raise HarnessError(f"{name} has a context of {ctx} tokens but {len(long)} row(s) of {what} are longer "
+                       f"(rows {shown}; up to {max(lengths)} tokens): pass --max-length {ctx - 1} to truncate them "
+                       f"(the end-of-sequence token is appended after truncation; its learned position table "
+                       f"'{table}' has {ctx} rows)")

@@ -371,10 +371,17 @@ def checkpoint_path(name: str) -> str:
 
 
 def device() -> str | None:
-    """Where scoring runs: the GPU when there is one (training places models through accelerate)."""
+    """Where scoring runs: the GPU when there is one (training places models through accelerate); in a
+    multi-process job each process's own GPU (``LOCAL_RANK``), as every rank scores a shard."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return "cuda"
 
 
 def saved_dtype(path: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from harness import HarnessError
 from harness.metrics import Score, Source
 from harness.options import ATTENTION_MASKS, EVAL_BATCH_SIZE
+from harness.scoring.shard import is_writer, sharded
 
 
 def missing_reference_error(task: str, metric: str) -> HarnessError:
@@ -90,7 +91,7 @@ class EvalContext:
         self.batch_size = batch_size
         self.attention_mask = attention_mask
         self.limit = limit
-        self.progress = progress
+        self.progress = progress and is_writer()  # one set of bars in a multi-process job
         self.data_dir = data_dir
         self.share = share
         self.sort = sort
@@ -234,38 +235,52 @@ class EvalContext:
         return [[values[j] for j in slot] if isinstance(slot, list) else values[slot] for slot in layout]
 
     # ----------------------------------------------------------- primitives
-    def stats(self, source, *, model: str = "target") -> list:
-        """P1-P3 ``SeqStats`` per row (a list per row for list-valued answer columns)."""
-        from harness.scoring.primitives import forward_stats, forward_stats_shared
+    def stats(self, source, *, model: str = "target", need: str = "tokens") -> list:
+        """P1-P3 ``SeqStats`` per row (a list per row for list-valued answer columns).
+
+        ``need`` (``primitives.NEEDS``): "prob" (the loss only), "tokens" (also ``lp``, ``hit``;
+        the default), "z" (also the Min-k++ z-scores). A pass computed for less is redone."""
+        from harness.scoring.primitives import NEEDS, forward_stats, forward_stats_shared
 
         source = Source.of(source)
         key = self._key("stats", model, source)
-        if key not in self._prims:
+        have = self._prims.get(("need", *key))
+        if have is None or NEEDS.index(have) < NEEDS.index(need):
             items, layout = self._encode(source, generate=False)
             m = self.model if model == "target" else self.reference_model()
             who = self.label if model == "target" else "reference"
             bar = self._tqdm(len(items), f"{who} forward {source.label()}")
             try:
+                def compute(items, layout):
+                    groups = [s for s in layout if isinstance(s, list)]
+                    if self.shared_prefix and self.share and groups and len(groups) == len(layout):
+                        return forward_stats_shared(m, items, groups, self.pad_id, batch_size=self.batch_size,
+                                                    attention_mask=self.attention_mask, sort=self.sort,
+                                                    progress=bar, need=need)
+                    return forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
+                                         attention_mask=self.attention_mask, sort=self.sort, progress=bar,
+                                         need=need, naive=not self.share, slots=groups or None)
+
                 with self._timed("forward", source, model=who, rows=len(items),
                                  tokens=sum(len(it["input_ids"]) for it in items)):
-                    groups = [s for s in layout if isinstance(s, list)]
-                    if self.shared_prefix and groups and len(groups) == len(layout):
-                        vals = forward_stats_shared(m, items, groups, self.pad_id, batch_size=self.batch_size,
-                                                    attention_mask=self.attention_mask, sort=self.sort,
-                                                    progress=bar)
-                    else:
-                        vals = forward_stats(m, items, self.pad_id, batch_size=self.batch_size,
-                                             attention_mask=self.attention_mask, sort=self.sort, progress=bar)
+                    vals = sharded(compute, items, layout, batch_size=self.batch_size, model=m)
             finally:
                 if bar is not None:
                     bar.close()
             self._prims[key] = self._unflatten(vals, layout)
+            self._prims[("need", *key)] = need
         return self._prims[key]
 
     def probability(self, source, *, model: str = "target") -> list[dict]:
         """Per row ``{"prob", "avg_loss"}`` (lists for list-valued columns), the reference layout."""
+        # option sets (list columns) are read as probabilities only; a single-answer source's pass also
+        # keeps lp/hit, which the MIA and memorization metrics of the same source read (no second pass)
+        source = Source.of(source)
+        _, layout = self._encode(source, generate=False)
+        options = bool(layout) and all(isinstance(x, list) for x in layout)
+        need = "prob" if options or not self.share else "tokens"
         out = []
-        for s in self.stats(source, model=model):
+        for s in self.stats(source, model=model, need=need):
             if isinstance(s, list):
                 out.append({"prob": [x.prob for x in s], "avg_loss": [x.avg_loss for x in s]})
             else:
@@ -286,9 +301,14 @@ class EvalContext:
             try:
                 with self._timed("generate", source, rows=len(items),
                                  tokens=sum(len(it["input_ids"]) for it in items)) as entry:
-                    vals = generate(self.model, self.tokenizer, items, batch_size=self.batch_size,
-                                    attention_mask=self.attention_mask, max_new_tokens=max_new_tokens,
-                                    stop=tuple(stop), sort=self.sort, progress=bar, counts=entry)
+                    # generation batches: as many positions as a batch of full-length rows of this source
+                    budget = (self.batch_size * min(source.max_length, self.max_length or source.max_length)
+                              if self.share else None)
+                    vals = sharded(lambda its, _: generate(
+                        self.model, self.tokenizer, its, batch_size=self.batch_size,
+                        attention_mask=self.attention_mask, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                        sort=self.sort, progress=bar, counts=entry, drop_finished=self.share, budget=budget),
+                        items, layout, batch_size=self.batch_size, model=self.model)
             finally:
                 if bar is not None:
                     bar.close()
@@ -320,8 +340,9 @@ class EvalContext:
             try:
                 with self._timed("gradnorm", source, rows=len(items),
                                  tokens=sum(len(it["input_ids"]) for it in items)):
-                    vals = gradnorms(self.model, items, self.pad_id, p=p, attention_mask=self.attention_mask,
-                                     progress=bar)
+                    vals = sharded(lambda its, _: gradnorms(self.model, its, self.pad_id, p=p,
+                                                            attention_mask=self.attention_mask, progress=bar),
+                                   items, layout, batch_size=1, model=self.model)
             finally:
                 if bar is not None:
                     bar.close()

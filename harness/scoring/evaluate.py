@@ -17,6 +17,7 @@ from harness.scoring.attacked import run_attacks, score_in_eval_mode
 from harness.scoring.context import EvalContext, missing_reference_error
 from harness.scoring.export import write_outputs
 from harness.scoring.reference import resolve_reference
+from harness.scoring.shard import is_writer, wait
 
 
 def score_rows(scores: dict[str, Score], registry, top: list[str]) -> list[tuple[str, Any, str]]:
@@ -82,7 +83,7 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
         inp = AttackInput(model, tokenizer, task, template, attack_seed, dict(training or {}), data_dir, limit,
                           attention_mask, max_length)
         outcomes = run_attacks(list(attacks), model, ctx.scores, make_ctx, inp)
-    if out_dir is not None:
+    if out_dir is not None and is_writer():  # rank 0 of a multi-process job: every rank holds the same scores
         settings = {"batch_size": batch_size, "attention_mask": attention_mask, "limit": limit,
                     "harness_version": __version__, "template": template_dict(template),
                     "reference": ctx._reference.describe() if ctx._reference is not None else None,
@@ -91,6 +92,8 @@ def evaluate_task(task, model, tokenizer, template, *, reference=None, out_dir=N
                       partial=bool(limit), settings=settings, identity=identity,
                       lm_eval={"run": {"max_length": max_length, **(lm_eval_run or {})}, "tokenizer": tokenizer,
                                "started": t0, "start_wall": wall0}, attacks=outcomes)
+    if out_dir is not None:
+        wait()  # no rank reads the result files before they exist
     return {**ctx.scores, **attack_scores(outcomes)}
 
 

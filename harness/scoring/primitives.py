@@ -20,6 +20,8 @@ import torch
 from harness.data.encode import IGNORE, collate
 from harness.metrics.rouge import cut_generation
 from harness.options import EVAL_BATCH_SIZE
+from harness.scoring.greedy import accepts as _accepts
+from harness.scoring.greedy import cache_kw as _cache_kw
 
 
 @dataclass
@@ -31,31 +33,39 @@ class SeqStats:
     ``hit``: P3, argmax of the vocabulary row == label, at the same positions.
     ``z``: Min-k++ z-score of each of those tokens, ``(lp - mu) / sigma`` with
     ``mu = sum p log p`` and ``sigma^2 = sum p (log p)^2 - mu^2`` clamped at 1e-6.
+    Fields beyond the ``need`` they were computed for (``NEEDS``) are None.
     """
 
     avg_loss: float | None
     prob: float | None
-    lp: np.ndarray
-    hit: np.ndarray
-    z: np.ndarray
+    lp: np.ndarray | None
+    hit: np.ndarray | None
+    z: np.ndarray | None
+
+
+# what a pass computes from the vocabulary rows, cheapest first: "prob" the P1 loss only (probability
+# metrics, truth ratios: the option sets), "tokens" also lp and hit (Min-k, exact memorization,
+# extraction strength), "z" also the Min-k++ z-scores (an exp and two more sums over the vocabulary)
+NEEDS = ("prob", "tokens", "z")
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _accepts(model, name: str) -> bool:
-    import inspect
+# causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or
+# logit scale): for them the head runs on the labelled rows only (the same values row by row)
+PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
 
+
+def _split_head(model):
+    """(decoder, lm head) of a plain causal LM, else None (the model's own forward is used)."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD or not type(model).__name__.endswith("ForCausalLM"):
+        return None
     try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _cache_kw(model) -> str:
-    # transformers 5.2x renamed past_key_values to cache
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+        return model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _first_label(labels: torch.Tensor) -> int:
@@ -78,12 +88,15 @@ def _order(items, sort: bool) -> list[int]:
 ATTENTION_CELLS = 2 ** 24
 
 
-def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None):
+def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None, budget: int | None = None):
+    """Consecutive batches of ``order``: ``batch_size`` rows, or with ``budget`` as many rows as fit in
+    ``budget`` positions (at least ``batch_size``), cut so rows x positions^2 stays under ATTENTION_CELLS."""
     cur: list[int] = []
     width = 0
     for i in order:
         w = max(width, lengths[i]) if lengths is not None else 0
-        if cur and (len(cur) == batch_size or (len(cur) + 1) * w * w > ATTENTION_CELLS):
+        cap = max(batch_size, budget // max(w, 1)) if budget else batch_size
+        if cur and (len(cur) >= cap or (len(cur) + 1) * w * w > ATTENTION_CELLS):
             yield cur
             cur, w = [], (lengths[i] if lengths is not None else 0)
         cur.append(i)
@@ -95,14 +108,19 @@ def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None
 ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128k-token vocabularies
 
 
-def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> list[SeqStats]:
+def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *, need: str = "z",
+                logprobs: bool = False, head=None) -> list[SeqStats]:
     """Stats of each right-padded sequence from the batch's (B, T, V) logits.
 
     Row t predicts token t+1. P1 uses the rows whose next label is not -100, summed and divided
     by the number of labels (counted on the unshifted labels). P2/P3 use the rows start-1..end-1
     where start/end are the first/last labelled positions once the final label is dropped.
-    Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK.
+    Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK; ``need`` (``NEEDS``)
+    says which fields are computed (the rest are None); ``logprobs``: ``logits`` are already the
+    fp32 log-softmax (the same values row by row: the kernel works per row). With ``head`` (the lm
+    head), ``logits`` are the final hidden states and only the rows read go through the head.
     """
+    level = NEEDS.index(need)
     B, T = ids.shape
     dev = ids.device
     valid = labels != IGNORE
@@ -115,36 +133,48 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -
     rows = ar[None, :-1]
     p1 = labels[:, 1:] != IGNORE                                           # (B, T-1)
     p2 = (rows >= start[:, None] - 1) & (rows <= end[:, None] - 1)
-    need = p1 | p2
-    sel = logits[:, :-1][need]                                             # (N, V), row-major (b, t)
-    lab_next = labels[:, 1:][need]
-    id_next = ids[:, 1:][need]
-    is_p1, is_p2 = p1[need], p2[need]
-    nll = torch.zeros(sel.shape[0], device=dev)
-    lp = torch.empty(sel.shape[0], device=dev)
-    hit = torch.empty(sel.shape[0], dtype=torch.bool, device=dev)
-    z = torch.empty(sel.shape[0], device=dev)
-    for a in range(0, sel.shape[0], ROW_CHUNK):
+    need_rows = p1 | p2 if level else p1                                   # p2-only rows add 0.0 to a sum
+    sel = logits[:, :-1][need_rows]                                        # (N, V), row-major (b, t)
+    if head is not None:
+        sel = head(sel)
+    lab_next = labels[:, 1:][need_rows]
+    id_next = ids[:, 1:][need_rows]
+    is_p1, is_p2 = p1[need_rows], p2[need_rows]
+    N = sel.shape[0]
+    nll = torch.zeros(N, device=dev)
+    if level:
+        lp = torch.empty(N, device=dev)
+        hit = torch.empty(N, dtype=torch.bool, device=dev)
+    if level > 1:
+        z = torch.empty(N, device=dev)
+    for a in range(0, N, ROW_CHUNK):
         b = a + ROW_CHUNK
-        r = sel[a:b].float().log_softmax(-1)
+        r = sel[a:b] if logprobs else sel[a:b].float().log_softmax(-1)
         ln = lab_next[a:b]
         nll[a:b] = torch.where(is_p1[a:b], -r.gather(-1, ln.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+        if not level:
+            continue
         t = r.gather(-1, id_next[a:b].unsqueeze(-1)).squeeze(-1)
         lp[a:b] = t
         hit[a:b] = r.argmax(-1) == ln
-        pr = r.exp()
-        mu = (pr * r).sum(-1)
-        var = ((pr * r.square()).sum(-1) - mu.square()).clamp(min=1e-6)
-        z[a:b] = (t - mu) / var.sqrt()
-    owner = torch.arange(B, device=dev)[:, None].expand(B, T - 1)[need]
+        if level > 1:
+            pr = r.exp()
+            mu = (pr * r).sum(-1)
+            var = ((pr * r.square()).sum(-1) - mu.square()).clamp(min=1e-6)
+            z[a:b] = (t - mu) / var.sqrt()
+    owner = torch.arange(B, device=dev)[:, None].expand(B, T - 1)[need_rows]
     nll_sum = torch.zeros(B, device=dev).index_add_(0, owner, nll)
     avg = nll_sum / n.clamp(min=1)
     prob = torch.exp(-avg)
-    counts = p2.sum(1).tolist()
-    lp2 = np.split(lp[is_p2].cpu().numpy().astype(np.float32), np.cumsum(counts)[:-1])
-    hit2 = np.split(hit[is_p2].cpu().numpy(), np.cumsum(counts)[:-1])
-    z2 = np.split(z[is_p2].cpu().numpy().astype(np.float32), np.cumsum(counts)[:-1])
     avg_l, prob_l, n_l = avg.tolist(), prob.tolist(), n.tolist()
+    none = [None] * B
+    lp2 = hit2 = z2 = none
+    if level:
+        cuts = np.cumsum(p2.sum(1).tolist())[:-1]
+        lp2 = np.split(lp[is_p2].cpu().numpy().astype(np.float32), cuts)
+        hit2 = np.split(hit[is_p2].cpu().numpy(), cuts)
+        if level > 1:
+            z2 = np.split(z[is_p2].cpu().numpy().astype(np.float32), cuts)
     return [SeqStats(avg_l[i] if n_l[i] else None, prob_l[i] if n_l[i] else None, lp2[i], hit2[i], z2[i])
             for i in range(B)]
 
@@ -154,28 +184,55 @@ def _seq_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) ->
     return batch_stats(logits[None], ids[None], labels[None])[0]
 
 
+def _slot_batches(groups: list[list[int]], batch_size: int):
+    """The reference's batches of an option set (spec 6.1 P4): ``batch_size`` rows in dataset order,
+    one padded mini-batch per answer slot."""
+    for a in range(0, len(groups), batch_size):
+        block = groups[a:a + batch_size]
+        for j in range(max(len(g) for g in block)):
+            yield [g[j] for g in block if j < len(g)]
+
+
 @torch.no_grad()
 def forward_stats(model, items: list[dict], pad_id: int, *, batch_size: int = EVAL_BATCH_SIZE,
-                  attention_mask: str = "reference", sort: bool = True, progress=None) -> list[SeqStats]:
+                  attention_mask: str = "reference", sort: bool = True, progress=None, need: str = "z",
+                  naive: bool = False, slots: list[list[int]] | None = None) -> list[SeqStats]:
     """P1-P3 for every item (right padding), returned in the items' order.
 
     With ``sort`` the items are batched longest first to cut padding; results equal dataset-order
-    batching up to float rounding (padding is masked out of every attention row used).
+    batching up to float rounding (padding is masked out of every attention row used). ``need``:
+    which fields (``NEEDS``). ``naive`` pays what the reference evaluator pays per pass (the speed
+    benchmark's baseline): the lm head at every position and one fp32 log-softmax over the whole
+    (B, T, V) logits, then the same stats; with ``slots`` (the option groups of a list column)
+    dataset-order rows are batched one answer slot at a time, as the reference does.
     """
     out: list[SeqStats | None] = [None] * len(items)
     dev = _device(model)
     mask = attention_mask
-    keep = _accepts(model, "logits_to_keep")
+    keep = _accepts(model, "logits_to_keep") and not naive
+    split = None if naive else _split_head(model)
     lengths = [len(it["input_ids"]) for it in items]
-    for chunk in _batches(_order(items, sort), batch_size, lengths):
+    if naive and slots is not None and not sort:
+        batches = _slot_batches(slots, batch_size)
+    else:
+        batches = _batches(_order(items, sort), batch_size, lengths)
+    for chunk in batches:
         batch = collate([items[i] for i in chunk], pad_id, side="right", mask=mask)
         ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         # rows before the first label's predecessor are never read: the lm head skips them
         # (row t of the kept tail still predicts token t+1 of the kept ids, so the stats are unchanged)
-        off = max(0, _first_label(labels) - 1) if keep else 0
-        kw = {"logits_to_keep": ids.shape[1] - off} if off else {}
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **kw).logits
-        for i, st in zip(chunk, batch_stats(logits, ids[:, off:], labels[:, off:])):
+        am = batch["attention_mask"].to(dev)
+        if split is not None:  # the head on exactly the rows read
+            hidden = split[0](input_ids=ids, attention_mask=am).last_hidden_state
+            stats = batch_stats(hidden, ids, labels, need=need, head=split[1])
+        else:
+            off = max(0, _first_label(labels) - 1) if keep else 0
+            kw = {"logits_to_keep": ids.shape[1] - off} if off else {}
+            logits = model(input_ids=ids, attention_mask=am, **kw).logits
+            if naive:
+                logits = logits.float().log_softmax(-1)
+            stats = batch_stats(logits, ids[:, off:], labels[:, off:], need=need, logprobs=naive)
+        for i, st in zip(chunk, stats):
             out[i] = st
         if progress is not None:
             progress.update(len(chunk))
@@ -200,7 +257,7 @@ def shared_prefix_length(group: list[dict]) -> int:
 @torch.no_grad()
 def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_id: int, *,
                          batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
-                         sort: bool = True, progress=None) -> list[SeqStats]:
+                         sort: bool = True, progress=None, need: str = "z") -> list[SeqStats]:
     """``forward_stats`` for option sets: the items of each group (one question's answers) share
     their prompt, whose KV cache is computed once and reused for every answer.
 
@@ -233,7 +290,7 @@ def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_
         if flat:  # nothing to share (one-token prompts): the plain pass
             idx = [i for f in flat for i in f]
             for i, st in zip(idx, forward_stats(model, [items[i] for i in idx], pad_id, batch_size=len(idx),
-                                                attention_mask=attention_mask, sort=False)):
+                                                attention_mask=attention_mask, sort=False, need=need)):
                 out[i] = st
         bg = [g for g in bg if plens[g] > 0]
         if not bg:
@@ -255,8 +312,15 @@ def forward_stats_shared(model, items: list[dict], groups: list[list[int]], pad_
         pos = (start[:, None] + torch.arange(S)[None, :]).to(dev)
         mask = torch.cat([pre["attention_mask"][owner], suf["attention_mask"]], 1).to(dev)
         ids = suf["input_ids"].to(dev)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}).logits
-        for i, st in zip(idx, batch_stats(logits, ids, suf["labels"].to(dev))):
+        split = _split_head(model)
+        if split is not None:
+            hidden = split[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                              **{ckw: cache}).last_hidden_state
+            stats = batch_stats(hidden, ids, suf["labels"].to(dev), need=need, head=split[1])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}).logits
+            stats = batch_stats(logits, ids, suf["labels"].to(dev), need=need)
+        for i, st in zip(idx, stats):
             out[i] = st
         if progress is not None:
             progress.update(len(idx))
@@ -279,16 +343,36 @@ def decode(tokenizer, ids, *, clean_up: bool = True) -> str:
     return clean_up_tokenization(text) if clean_up else text
 
 
+def _kv_budget(model, positions: int) -> int:
+    """Positions of KV cache taking the memory of ``positions`` rows of fp32 logits: x V / (2 layers
+    x kv heads x head dim), at least ``positions`` (tiny Llama: x8; Llama-3.2-1B: x7.8; Llama-2-7B: x1)."""
+    try:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return int(positions * max(1.0, cfg.vocab_size / (2 * cfg.num_hidden_layers * kv * hd)))
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return positions
+
+
 @torch.no_grad()
 def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATCH_SIZE, attention_mask: str = "reference",
              max_new_tokens: int = 200, stop=(), sort: bool = True, progress=None,
-             counts: dict | None = None) -> list[dict]:
+             counts: dict | None = None, drop_finished: bool = True, budget: int | None = None) -> list[dict]:
     """P5: greedy generation from left-padded prompts (pad = eos), in the items' order.
 
     Each item is a generation item (``input_ids`` = prompt, ``labels`` = the whole conversation
     or the target). Returns ``{"input", "ground_truth", "generation"}`` per item: the ground truth
     is the decoded labels with the decoded prompt removed, stripped; the generation is cut at the
     first eos string or stop string, stripped.
+
+    ``drop_finished`` (and a model whose generation config is plain greedy search): finished rows
+    leave the batch (``greedy_dropping``); otherwise ``model.generate``, which pays every row until
+    the whole batch has finished. Same generations (test: tests/test_generation_speed.py).
+    ``budget`` (positions of a full-length teacher-forced batch): a generation batch holds as many rows
+    (prompt + new tokens) as keep its KV cache within that batch's fp32 logits (``_kv_budget``), at
+    least ``batch_size``: decoding steps cost mostly a fixed overhead per call on small models.
     """
     out: list[dict | None] = [None] * len(items)
     dev = _device(model)
@@ -301,20 +385,28 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
                       temperature=None, top_p=None, top_k=None)
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    from harness.scoring.greedy import greedy_dropping, plain_greedy
+
+    fast = drop_finished and plain_greedy(model)
     lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
-    for chunk in _batches(_order(items, sort), batch_size, lengths):
+    budget = _kv_budget(model, budget) if budget else None
+    for chunk in _batches(_order(items, sort), batch_size, lengths, budget):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
-        gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **gen_kwargs)
-        new = gen[:, ids.shape[1]:].cpu()
-        if counts is not None:  # decoding steps paid for, padding rows included (the benchmark's token count)
-            counts["new_tokens"] = counts.get("new_tokens", 0) + new.numel()
+        if fast:
+            new = greedy_dropping(model, tokenizer, ids, batch["attention_mask"].to(dev),
+                                  max_new_tokens=max_new_tokens, stop=tuple(stop), counts=counts)
+        else:
+            gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **gen_kwargs)
+            new = gen[:, ids.shape[1]:].cpu().tolist()
+            if counts is not None:  # decoding steps paid for, finished rows included (the benchmark's count)
+                counts["new_tokens"] = counts.get("new_tokens", 0) + sum(len(x) for x in new)
         for row, i in enumerate(chunk):
             it = items[i]
             text_in = decode(tokenizer, it["input_ids"])
             labels = [t for t in it["labels"] if t != IGNORE]
             gt = decode(tokenizer, labels).replace(text_in, "").strip()
-            text = cut_generation(decode(tokenizer, new[row].tolist()), stops)
+            text = cut_generation(decode(tokenizer, new[row]), stops)
             out[i] = {"input": text_in, "ground_truth": gt, "generation": text}
         if progress is not None:
             progress.update(len(chunk))

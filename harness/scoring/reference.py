@@ -28,6 +28,7 @@ from harness.io import config_hash, write_json
 from harness.paths import bundled_dir, harness_home
 from harness.scoring.context import EvalContext
 from harness.scoring.export import eval_log
+from harness.scoring.shard import agree, is_writer
 
 BUNDLED_LOGS = bundled_dir() / "reference_logs"
 
@@ -134,7 +135,8 @@ class RetainReference:
             raise HarnessError(f"metric '{key}' cannot be scored on the reference model itself (it needs a reference)")
         rctx.score(key)
         self.logs.update(eval_log(rctx.scores))
-        write_json(self.path, self.logs, indent=4, sort_keys=True)
+        if is_writer():  # every rank holds the same logs; one writes the cache (atomically)
+            write_json(self.path, self.logs, indent=4, sort_keys=True)
 
 
 def _dtype_name(model) -> str:
@@ -262,6 +264,7 @@ def _model_reference(origin: str, path: str, ctx) -> RetainReference:
             logs = json.loads(cache.read_text(encoding="utf-8"))
         except ValueError:
             logs = {}  # a torn cache file is recomputed
+    logs = agree(logs)  # every rank scores the same missing entries (the cache may appear meanwhile)
     return RetainReference(origin=origin, kind="model", logs=logs, path=cache, model_path=path, _ctx=ctx, _key=key)
 
 

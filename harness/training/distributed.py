@@ -50,9 +50,32 @@ def zero3_ds_config() -> dict:
         return json.load(fh)
 
 
+# The launcher variables an in-process one-process ZeRO-3 run added to os.environ (comma separated). They
+# must stay while its process group lives, but they are not a launcher's: ``under_launcher`` ignores
+# them and a re-launched child (``launch_command``) does not get them; a child process inherits the list.
+OWN_ENV = "HARNESS_SINGLE_PROCESS_ENV"
+_SINGLE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED")
+
+
+def own_env_keys() -> set[str]:
+    """The variables of ``_SINGLE_ENV`` that this harness (not a launcher) put into the environment."""
+    return {k for k in os.environ.get(OWN_ENV, "").split(",") if k}
+
+
+def _drop_inherited_env() -> None:
+    """Variables of an in-process ZeRO-3 run that this process inherited (its group is not up here):
+    stale, e.g. a port that another process may hold by now, so they go."""
+    import torch.distributed as dist
+
+    own = own_env_keys()
+    if own and not (dist.is_available() and dist.is_initialized()):
+        for key in (*own, OWN_ENV):
+            os.environ.pop(key, None)
+
+
 def under_launcher() -> bool:
     """True when this process was started by accelerate launch / torchrun / deepspeed (or re-launched by us)."""
-    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
+    return os.environ.get(LAUNCHED_ENV) == "1" or ("LOCAL_RANK" in os.environ and "LOCAL_RANK" not in own_env_keys())
 
 
 def _free_port() -> int:
@@ -62,7 +85,11 @@ def _free_port() -> int:
 
 
 def _single_process_env() -> None:
-    # DeepSpeed always initialises torch.distributed, even for one process.
+    # DeepSpeed always initialises torch.distributed, even for one process; accelerate then sets
+    # ACCELERATE_USE_DEEPSPEED. What was not set before is recorded as ours (OWN_ENV).
+    added = {k for k in _SINGLE_ENV if k not in os.environ}
+    if added:
+        os.environ[OWN_ENV] = ",".join(sorted(added | own_env_keys()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -85,7 +112,9 @@ def make_accelerator(mode: str = "single", *, ds_config: dict | None = None, mix
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    if mode != "zero3" and not under_launcher():
+    _drop_inherited_env()
+    # after an in-process ZeRO-3 run its one-process group is still up: accelerate then needs the backend too
+    if mode != "zero3" and not under_launcher() and not own_env_keys():
         # "ddp" without a launcher is one plain process (nothing to parallelise over)
         return Accelerator()
     # Only for distributed runs: passing a backend to a plain single process makes accelerate expect one.
@@ -262,7 +291,8 @@ def launch_command(argv: list[str], mode: str, *, num_processes: int | None = No
     ``$HARNESS_NUM_PROCESSES``, else the visible GPUs (1 on CPU); for a user's config FILE its own
     ``num_processes`` unless one of the first two is given. On CPU, mixed precision is switched off.
     """
-    env = dict(os.environ)
+    own = own_env_keys() | {OWN_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in own}  # the launcher sets its own
     env[LAUNCHED_ENV] = "1"
     explicit = num_processes or (int(os.environ["HARNESS_NUM_PROCESSES"]) if os.environ.get("HARNESS_NUM_PROCESSES") else None)
     n = explicit or max(1, torch.cuda.device_count())
