@@ -49,6 +49,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "reusing the question's KV cache (same numbers up to float rounding; slower)")
     p.add_argument("--attacks", metavar="NAME[,NAME]",
                    help="score the task's forget metrics again after each attack, e.g. quant4,relearn (harness ls attacks)")
+    p.add_argument("--attack-set", action="append", metavar="ATTACK.FIELD=VALUE",
+                   help="an attack's setting, e.g. relearn.epochs=4 or quant4.quant_type=fp4 (repeatable; recorded "
+                        "and part of the run hash; settings: harness ls attacks)")
     _lm_eval_args(p)
 
 
@@ -183,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="at most N cells running at once")
     p.add_argument("--slurm-setup", action="append", metavar="LINE",
                    help="shell line run before each job, e.g. 'source venv/bin/activate' (repeatable)")
+    p.add_argument("--slurm-mem", metavar="SIZE", help="memory per node, Slurm syntax, e.g. 64G")
+    p.add_argument("--slurm-cpus-per-task", type=int, metavar="N")
     _peft_args(p)
     _tracking_args(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from harness import HarnessError
@@ -72,6 +73,17 @@ def numbers(flag: str, value, *, integer: bool = False, key: str | None = None) 
             raise HarnessError(f"{flag} {value!r}: {part} is given more than once")
         out.append(number)
     return out
+
+
+def slurm_mem(text: str | None) -> str | None:
+    """Slurm's --mem syntax: a positive whole number with an optional K/M/G/T unit (megabytes without)."""
+    if text is None:
+        return None
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", s, re.IGNORECASE)
+    if not m or int(m.group(1)) <= 0:
+        raise HarnessError(f"--slurm-mem {text!r}: use Slurm's syntax, a positive size such as 64G or 16000M")
+    return f"{int(m.group(1))}{m.group(2).upper()}"
 
 
 def slurm_minutes(text: str) -> int:
@@ -179,6 +191,7 @@ class ModelOptions:
     limit: int | None = None
     shared_prefix: bool = True  # --no-shared-prefix: one full pass per answer of an option set
     attacks: str | None = None  # comma separated attack names (harness ls attacks)
+    attack_set: list[str] = field(default_factory=list)  # ATTACK.FIELD=VALUE settings of the --attacks
     # the lm_eval metric's arguments (None: the task file's); utility adds lm-eval tasks to any task
     utility: str | None = None
     lm_eval_tasks: str | None = None
@@ -192,6 +205,8 @@ class ModelOptions:
         """Checks of the values alone, before any work starts (files: the commands' input checks)."""
         if self.attacks is not None:
             items("--attacks", self.attacks)
+        if self.attack_set and not self.attacks:
+            raise HarnessError(f"--attack-set {self.attack_set[0]!r}: give the attack in --attacks too")
         _positive("--max-length", self.max_length, integer=True)
         _positive("--limit", self.limit, integer=True)
         for flag, value in (("--utility", self.utility), ("--lm-eval-tasks", self.lm_eval_tasks)):
@@ -293,6 +308,8 @@ class RunOptions(Common, ModelOptions, PeftOptions):
     slurm_time: str = SLURM_TIME
     slurm_array_parallelism: int | None = None
     slurm_setup: list[str] = field(default_factory=list)
+    slurm_mem: str | None = None  # Slurm's --mem per node, e.g. 64G
+    slurm_cpus_per_task: int | None = None
     report_to: str | None = None  # accelerate tracker names, comma separated (e.g. tensorboard,wandb)
     tracker_project: str = TRACKER_PROJECT
     push_to_hub: str | None = None  # REPO_ID; may hold {task} {method} {seed} for a grid
@@ -326,6 +343,8 @@ class RunOptions(Common, ModelOptions, PeftOptions):
         slurm_minutes(self.slurm_time)
         _positive("--slurm-gpus-per-node", self.slurm_gpus_per_node, integer=True)
         _positive("--slurm-array-parallelism", self.slurm_array_parallelism, integer=True)
+        _positive("--slurm-cpus-per-task", self.slurm_cpus_per_task, integer=True)
+        slurm_mem(self.slurm_mem)
         _positive("--train-batch-size", self.train_batch_size, integer=True)
         _positive("--per-device-batch", self.per_device_batch, integer=True)
         _positive("--eval-batch-size", self.eval_batch_size, integer=True)
@@ -359,8 +378,8 @@ def to_argv(opts, skip=()) -> list[str]:
         if name in skip or value == getattr(default, name):
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag)  # store_true flags (a True default would need --no-... and none exists)
+        if isinstance(value, bool):  # store_true flags, and store_false ones named --no-FIELD (--no-shared-prefix)
+            out.append(flag if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, list):
             for v in value:
                 out.append(f"{flag}={v}")

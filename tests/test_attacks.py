@@ -198,3 +198,59 @@ def test_plugin_attack_registers():
 
     reg = plugins.build_registry(extra_plugins=[SimpleNamespace(register_attacks=register_attacks)], strict=True)
     assert reg.attacks["t14_noop"] is Noop
+
+
+def test_attack_settings_from_the_command_line_are_typed_recorded_and_hashed(tasks_dir):
+    reg = plugins.build_registry(include_tasks=[tasks_dir], strict=True)
+
+    def cell(*settings):
+        opts = RunOptions(tasks=NAME, methods="grad_diff", model="tiny:full", include_tasks=[str(tasks_dir)],
+                          attacks="quant4,relearn", attack_set=list(settings))
+        (c,) = expand(opts, reg)
+        return c
+
+    plain, set_ = cell(), cell("relearn.epochs=3", "relearn.lr=1e-4", "quant4.quant_type=fp4")
+    assert plain.dir.name != set_.dir.name
+    rec = set_.config["attacks"]["attacks"]
+    assert rec["relearn"]["settings"]["epochs"] == 3 and rec["relearn"]["settings"]["lr"] == 1e-4
+    assert rec["quant4"]["settings"]["quant_type"] == "fp4" and rec["relearn"]["settings"]["fraction"] == 0.5
+    assert cell("relearn.lr=none").dir.name == plain.dir.name  # the default, spelled out
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("relearn.epoch=3", ["has no setting 'epoch'", "did you mean 'epochs'"]),
+    ("quant8.threshold=1", ["attack 'quant8' is not in --attacks"]),
+    ("relearn.epochs=two", ["epochs must be a whole number", "'two'"]),
+    ("relearn.fraction=1.5", ["fraction must be between 0 and 1"]),
+    ("quant4.quant_type=int8", ["use one of nf4, fp4"]),
+    ("quant4.block_size=100", ["block_size must be one of 32, 64"]),
+    ("relearn.lr=nan", ["lr must be a finite number"]),
+    ("relearn.lr=-1", ["lr must be positive"]),
+    ("relearn=3", ["expected ATTACK.FIELD=VALUE"]),
+])
+def test_bad_attack_setting_is_one_line_before_anything_runs(tasks_dir, tmp_path, setting, words):
+    rc, _, err = run_cli("run", "-t", NAME, "--include-tasks", tasks_dir, "-m", "grad_diff", "--model", "tiny:full",
+                         "--attacks", "quant4,relearn", "--attack-set", setting, "-o", tmp_path, "--dry-run", check=False)
+    lines = err.strip().splitlines()
+    assert rc != 0 and len(lines) == 1 and lines[0].startswith("error: --attack-set "), err
+    for w in words:
+        assert w in lines[0], err
+    assert not any(tmp_path.iterdir())
+
+
+def test_quant4_runs_a_layer_whose_width_is_not_a_multiple_of_32():
+    """The default tiny model's MLP is 344 wide: bitsandbytes' AVX512-BF16 CPU kernel asserted on it
+    ("N must be divisible by block_n") at the first scoring forward of the quant4 attack."""
+    import torch
+
+    from harness.attacks.quantize import quantize_linear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 344), torch.nn.SiLU(), torch.nn.Linear(344, 128)).eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        want = model(x)
+        q, count, _, kept = quantize_linear(model, 4)
+        got = q(x)
+    assert count == 1 and kept == ["2"]  # 344 inputs: not a whole number of 64-weight blocks
+    assert not torch.equal(got, want) and torch.allclose(got, want, atol=0.1)

@@ -47,7 +47,7 @@ def test_local_launcher_runs_a_two_cell_grid_and_a_rerun_submits_nothing(tasks, 
     out = tmp_path / "res"
     sweep = ["--lr", "1e-3,2e-3", "--launcher", "local", "--slurm-array-parallelism", "2"]
     _, stdout, _ = cli_process(*argv(tasks, out, *sweep))
-    assert "2 cell(s): 0 done, 0 running, 0 failed, 2 missing; submitting 2" in stdout
+    assert "2 cell(s): 0 done, 0 running, 0 queued, 0 failed, 2 missing; submitting 2" in stdout
     cells = sorted((out / "tiny_full" / "t16_launch" / "grad_ascent").glob("*-s0"))
     assert len(cells) == 2 and all(is_complete(c) for c in cells)
     lrs = sorted(json.loads((c / "scores.json").read_text())["hparams"]["lr"] for c in cells)
@@ -57,10 +57,10 @@ def test_local_launcher_runs_a_two_cell_grid_and_a_rerun_submits_nothing(tasks, 
     # each job ran under submitit (its own folder of job files), not in this process
     assert len(list((out / ".harness" / "submitit").glob("*/*_result.pkl"))) == 2
     _, stdout, _ = cli_process(*argv(tasks, out, *sweep))
-    assert "2 cell(s): 2 done, 0 running, 0 failed, 0 missing; submitting 0" in stdout
+    assert "2 cell(s): 2 done, 0 running, 0 queued, 0 failed, 0 missing; submitting 0" in stdout
     assert "nothing to submit" in stdout
     _, status, _ = cli_process("status", out)
-    assert status.splitlines()[0].endswith("3 cell(s): 3 done, 0 running, 0 failed, 0 missing")  # + Finetuned row
+    assert status.splitlines()[0].endswith("3 cell(s): 3 done, 0 running, 0 queued, 0 failed, 0 missing")  # + Finetuned row
 
 
 def test_status_lists_done_running_failed_missing_and_a_rerun_submits_only_those(tasks, tmp_path, monkeypatch):
@@ -84,38 +84,84 @@ def test_status_lists_done_running_failed_missing_and_a_rerun_submits_only_those
         # a rerun leaves out the done cell and the one another process holds
         _, sub, _ = cli_process(*argv(tasks, out, "--lr", "1e-3,2e-3,3e-3,4e-3", "--launcher", "slurm"), check=False)
     lines = text.splitlines()
-    assert lines[0].endswith("4 cell(s): 1 done, 1 running, 1 failed, 1 missing")
+    assert lines[0].endswith("4 cell(s): 1 done, 1 running, 0 queued, 1 failed, 1 missing")
     assert f"done     {runner.rel(done, out)}" in lines
     assert f"running  {runner.rel(claimed, out)}" in lines
     assert f"missing  {runner.rel(missing, out)}" in lines
     i = lines.index(f"failed   {runner.rel(failed, out)}")
     assert lines[i + 1].strip() == "error: RuntimeError: CUDA out of memory (stand-in)"
     assert lines[i + 2].strip() == f"log: {tmp_path / 'cell.log'}"
-    assert "4 cell(s): 1 done, 1 running, 1 failed, 1 missing; submitting 2" in sub
+    assert "4 cell(s): 1 done, 1 running, 0 queued, 1 failed, 1 missing; submitting 2" in sub
 
 
-def test_slurm_launcher_submits_one_array_with_the_flags(tasks, tmp_path, monkeypatch):
-    """A stand-in sbatch/srun on PATH: the array script submitit writes is what a cluster would get."""
+def fake_slurm(tmp_path, monkeypatch, sacct: str | None = None):
+    """Stand-in sbatch/srun (and sacct printing ``sacct``) on PATH; returns where sbatch copies its script."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     copy = tmp_path / "submitted.sh"
-    for name, body in (("sbatch", f'cp "$1" {copy}\necho "Submitted batch job 4242"\n'), ("srun", "exit 0\n")):
+    tools = [("sbatch", f'cp "$1" {copy}\necho "Submitted batch job 4242"\n'), ("srun", "exit 0\n")]
+    if sacct is not None:
+        (tmp_path / "sacct.txt").write_text(sacct)
+        tools.append(("sacct", f"cat {tmp_path / 'sacct.txt'}\n"))
+    for name, body in tools:
         p = bin_dir / name
         p.write_text("#!/bin/sh\n" + body)
         p.chmod(p.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return copy
+
+
+def test_slurm_launcher_submits_one_array_with_the_flags(tasks, tmp_path, monkeypatch):
+    """A stand-in sbatch/srun on PATH: the array script submitit writes is what a cluster would get."""
+    copy = fake_slurm(tmp_path, monkeypatch)
     out = tmp_path / "res"
-    _, stdout, _ = cli_process(*argv(tasks, out, "--lr", "1e-3,2e-3,3e-3", "--launcher", "slurm", "--slurm-partition",
-                                 "gpu", "--slurm-gpus-per-node", "2", "--slurm-time", "1:30:00",
-                                 "--slurm-array-parallelism", "2", "--slurm-setup", "source /venv/bin/activate"))
+    grid = argv(tasks, out, "--lr", "1e-3,2e-3,3e-3", "--launcher", "slurm", "--slurm-partition", "gpu",
+                "--slurm-gpus-per-node", "2", "--slurm-time", "1:30:00", "--slurm-array-parallelism", "2",
+                "--slurm-setup", "source /venv/bin/activate", "--slurm-mem", "64g", "--slurm-cpus-per-task", "8")
+    _, stdout, _ = cli_process(*grid)
     assert "submitted Slurm job array 4242: 3 task(s)" in stdout
     script = copy.read_text()
     for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --time=90", "#SBATCH --ntasks-per-node=1", "source /venv/bin/activate"):
+                 "#SBATCH --time=90", "#SBATCH --ntasks-per-node=1", "source /venv/bin/activate",
+                 "#SBATCH --mem=64G", "#SBATCH --cpus-per-task=8"):
         assert line in script
     assert not (out / "tiny_full").exists()  # nothing ran here
     _, status, _ = cli_process("status", out)
-    assert status.splitlines()[0].endswith("3 cell(s): 0 done, 0 running, 0 failed, 3 missing")
+    lines = status.splitlines()
+    assert lines[0].endswith("3 cell(s): 0 done, 0 running, 3 queued, 0 failed, 0 missing")
+    assert lines[2].strip() == "Slurm job 4242_0: state unknown (no sacct here)"
+    # queued cells are not submitted twice
+    copy.unlink()
+    _, stdout, _ = cli_process(*grid)
+    assert "3 cell(s): 0 done, 0 running, 3 queued, 0 failed, 0 missing; submitting 0" in stdout and not copy.exists()
+
+
+def test_queued_cells_follow_their_slurm_job_state(tasks, tmp_path, monkeypatch):
+    """sacct (stand-in) says one task waits, one started, one was cancelled before its cell ran: the
+    cancelled one is failed, naming the job, and it alone is resubmitted."""
+    fake_slurm(tmp_path, monkeypatch, sacct="JobID|State|NodeList\n4242_0|PENDING|None assigned\n"
+                                            "4242_1|RUNNING|node1\n4242_2|CANCELLED by 0|node2\n")
+    out = tmp_path / "res"
+    grid = argv(tasks, out, "--lr", "1e-3,2e-3,3e-3", "--launcher", "slurm")
+    cli_process(*grid)
+    _, status, _ = cli_process("status", out)
+    lines = status.splitlines()
+    assert lines[0].endswith("3 cell(s): 0 done, 0 running, 2 queued, 1 failed, 0 missing")
+    assert [ln.strip() for ln in lines if ln.strip().startswith("Slurm job")] == [
+        "Slurm job 4242_0: PENDING", "Slurm job 4242_1: RUNNING"]
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("failed"))
+    assert lines[i + 1].strip() == "error: Slurm job 4242_2 ended CANCELLED by 0 before the cell finished"
+    assert lines[i + 2].strip().startswith("log: ") and lines[i + 2].strip().endswith("submitit/4242_2")
+    _, stdout, _ = cli_process(*grid)
+    assert "3 cell(s): 0 done, 0 running, 2 queued, 1 failed, 0 missing; submitting 1" in stdout
+    _, status, _ = cli_process("status", out)  # the stand-in numbers the new array 4242 again: task 0, PENDING
+    assert status.splitlines()[0].endswith("3 cell(s): 0 done, 0 running, 3 queued, 0 failed, 0 missing")
+
+
+def test_bad_slurm_mem_is_one_line(tasks, tmp_path):
+    rc, _, err = cli_process(*argv(tasks, tmp_path / "res", "--launcher", "slurm", "--slurm-mem", "lots"),
+                             check=False)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--slurm-mem 'lots'" in err
 
 
 def test_slurm_launcher_without_slurm_is_one_line(tasks, tmp_path, monkeypatch):

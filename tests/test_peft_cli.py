@@ -61,3 +61,28 @@ def test_finetune_with_lora_writes_the_adapter_or_the_merged_checkpoint(tmp_path
     assert rc == 2 and "already holds a checkpoint" in err
     run_cli(*argv, "--merge", "-o", tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_the_tiny_profile_gives_adapter_runs_their_own_learning_rate(tmp_path):
+    """registry.yaml models.tiny.peft_training: a LoRA update starts at zero and moved the default tiny
+    model little at the full-finetuning lr; it applies to --peft runs only, and --lr still wins."""
+    from harness.cli import parse_options
+    from harness.commands.run import expand
+    from harness.models.profiles import get_profiles
+    from harness.plugins import get_registry
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text(TASK)
+    prof = get_profiles()["tiny"]
+
+    def lr(*extra):
+        opts = parse_options(["run", "-t", "t15_peft", "--include-tasks", tasks, "-m", "npo", "--model", "tiny:full",
+                              "-o", tmp_path / "res", *extra])
+        (cell,) = expand(opts, get_registry(include_tasks=opts.include_tasks))
+        return cell.train["lr"]
+
+    assert prof.peft_training["lr"] > prof.training["lr"]
+    assert lr() == prof.training["lr"]
+    assert lr("--peft", "lora") == prof.peft_training["lr"]
+    assert lr("--peft", "lora", "--lr", "1e-4") == 1e-4

@@ -9,6 +9,7 @@ from conftest import cheap_task_yaml, run_cli
 from harness import HarnessError
 from harness.cli import parse_options
 from harness.commands import run as runner
+from harness.commands import sweep
 from harness.options import RunOptions, slurm_minutes, to_argv
 from harness.plugins import get_registry
 
@@ -51,6 +52,19 @@ def test_comma_lists_expand_to_the_cartesian_product_in_stable_order(tasks, tmp_
     assert len({h for hs in by_point.values() for h in hs}) == len(by_point) == 12
     assert cells == grid(tasks, tmp_path, "-m", "npo,grad_diff", "--lr", "5e-4,1e-3", "--set", "npo.beta=0.1,0.5",
                          "--epochs", "1,2", "--seeds", "0,1")  # stable
+
+
+def test_printed_rows_of_a_sweep_name_their_point(tasks, tmp_path):
+    cells = grid(tasks, tmp_path, "-m", "npo,grad_diff", "--lr", "5e-4,1e-3", "--set", "npo.beta=0.1,0.5",
+                 "--epochs", "2")
+    names = sweep.row_names(cells)
+    assert [names[id(c)] for c in cells] == [
+        "npo {lr=0.0005, npo.beta=0.1}", "npo {lr=0.0005, npo.beta=0.5}", "npo {lr=0.001, npo.beta=0.1}",
+        "npo {lr=0.001, npo.beta=0.5}", "grad_diff {lr=0.0005}", "grad_diff {lr=0.001}"]  # epochs=2 is not swept
+    rows = [("t", names[id(c)], 0, {"metrics": {"forget_quality": {"value": 0.5}}}) for c in cells]
+    assert "npo {lr=0.001, npo.beta=0.5}" in runner.summary_table(rows)
+    plain = grid(tasks, tmp_path, "-m", "npo")
+    assert sweep.row_names(plain) == {id(plain[0]): "npo"}
 
 
 def test_a_sweep_point_is_the_same_cell_as_the_single_run(tasks, tmp_path):
@@ -107,11 +121,14 @@ def test_a_bad_sweep_value_is_one_line_naming_the_key_before_any_work(tasks, tmp
 def test_options_round_trip_through_the_flags_a_job_gets():
     opts = parse_options(["run", "-t", "tofu_*", "-m", "npo,grad_diff", "--lr", "1e-5,2e-5", "--set", "npo.beta=0.1,0.2",
                           "--set", "grad_diff.alpha=2", "--seeds", "0,1", "--accelerate", "zero3", "--save-model",
-                          "--launcher", "slurm", "--slurm-setup", "module load cuda", "-o", "res dir"])
+                          "--launcher", "slurm", "--slurm-setup", "module load cuda", "--slurm-mem", "64G",
+                          "--no-shared-prefix", "--attacks", "relearn", "--attack-set", "relearn.epochs=3",
+                          "-o", "res dir"])
     argv = opts.launch_argv()
     assert not any(a.startswith(("--launcher", "--slurm")) for a in argv)
+    assert "--no-shared-prefix" in argv  # a store_false flag parses back (it was "--shared-prefix": every job failed)
     again = parse_options(["run", *argv])
-    assert again == RunOptions(**{**vars(opts), "launcher": None, "slurm_setup": []})
+    assert again == RunOptions(**{**vars(opts), "launcher": None, "slurm_setup": [], "slurm_mem": None})
     assert to_argv(RunOptions(tasks="a", methods="b")) == ["--tasks=a", "--methods=b"]
 
 

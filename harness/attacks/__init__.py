@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,14 +61,77 @@ class Attack:
     def settings(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Reject settings the attack cannot run with (raise HarnessError); called when it is built."""
+
 
 def copy_model(model):
     """A deep copy to attack: the scored model (and the checkpoint it was saved as) are never touched."""
     return copy.deepcopy(model)
 
 
-def build_attacks(names: list[str], registry) -> list[Attack]:
-    """Instances (default settings) of the attacks ``names``; an unknown name is a did-you-mean error."""
+def parse_settings(pairs: list[str], names: list[str], registry) -> dict[str, dict[str, Any]]:
+    """``--attack-set ATTACK.FIELD=VALUE`` (repeatable) -> attack -> field -> typed value, checked against the
+    attack's dataclass fields before anything runs: the attack must be one of ``--attacks``, the field one
+    of its settings (did-you-mean), the value of the field's type."""
+    from harness.tasks import suggest
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        name, dot, fld = key.strip().partition(".")
+        if not eq or not dot or not fld or not value.strip():
+            raise HarnessError(f"--attack-set {pair!r}: expected ATTACK.FIELD=VALUE, e.g. relearn.epochs=4")
+        if name not in names:
+            raise HarnessError(f"--attack-set {pair!r}: attack '{name}' is not in --attacks "
+                               f"({', '.join(names) or 'none given'}){suggest(name, names)}")
+        cls = registry.attacks.get(name)
+        if cls is None:  # build_attacks names the unknown attack
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if fld not in fields:
+            raise HarnessError(f"--attack-set {pair!r}: attack '{name}' has no setting '{fld}'{suggest(fld, fields)}; "
+                               f"settings: {', '.join(fields) or '(none)'}")
+        if fld in out.get(name, {}):
+            raise HarnessError(f"--attack-set {name}.{fld} is given twice; give it once")
+        out.setdefault(name, {})[fld] = _typed(f"--attack-set {pair!r}", cls, fields[fld], value.strip())
+    return out
+
+
+def _typed(where: str, cls: type, f: dataclasses.Field, text: str) -> Any:
+    """``text`` as a value of field ``f`` of attack ``cls`` (bool, int, float, Literal choices, str; ``none``
+    for an optional field)."""
+    hint = typing.get_type_hints(cls).get(f.name, str)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        match = [c for c in typing.get_args(hint) if str(c) == text]
+        if not match:
+            raise HarnessError(f"{where}: use one of {', '.join(map(str, typing.get_args(hint)))}")
+        return match[0]
+    if type(None) in typing.get_args(hint) and text.lower() in ("none", "null"):
+        return None
+    kind = args[0] if args else hint
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        what = {bool: "true or false", int: "a whole number", float: "a finite number"}[kind]
+        raise HarnessError(f"{where}: {f.name} must be {what}, got {text!r}") from None
+    return text
+
+
+def build_attacks(names: list[str], registry, settings: dict[str, dict[str, Any]] | None = None) -> list[Attack]:
+    """Instances of the attacks ``names`` with ``settings`` (attack -> field -> value, from
+    ``parse_settings``) over their defaults; an unknown name is a did-you-mean error."""
     from harness.tasks import suggest
 
     out = []
@@ -77,8 +142,13 @@ def build_attacks(names: list[str], registry) -> list[Attack]:
             raise HarnessError(f"--attacks: unknown attack '{name}'{suggest(name, registry.attacks)}; "
                                f"available: {avail} (harness ls attacks){broken}")
         try:
-            out.append(registry.attacks[name]())
-        except HarnessError:
+            given = (settings or {}).get(name, {})
+            attack = registry.attacks[name](**given)
+            attack.check()
+            out.append(attack)
+        except HarnessError as exc:
+            if given:  # say where the values came from
+                raise HarnessError(f"--attack-set {', '.join(f'{name}.{k}={v}' for k, v in given.items())}: {exc}") from None
             raise
         except Exception as exc:
             src = registry.sources.get(("attacks", name), "?")

@@ -20,6 +20,8 @@ from harness import HarnessError, hookimpl
 from harness.attacks import Attack, Attacked, AttackInput, copy_model
 
 SKIP = ("lm_head",)
+CPU_PACK_ROWS = 32  # bitsandbytes' CPU-packed 4-bit kernel takes weights of a multiple of 32 output rows
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit quantizer takes
 
 
 def _bnb():
@@ -64,6 +66,11 @@ def quantize_linear(model, bits: int, *, quant_type: str = "nf4", block_size: in
                                         quant_type=quant_type, compress_statistics=False)
                 new.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quant_type,
                                                blocksize=block_size, compress_statistics=False)
+                if child.out_features % CPU_PACK_ROWS:
+                    # On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for its fast kernel at the
+                    # first no-grad forward and asserts out_features % 32 == 0 (the default tiny model's MLP is
+                    # 344 wide). Such a layer keeps the same NF4/FP4 weights through the generic kernel.
+                    new.support_avx512bf16_for_cpu = False
             if bias:
                 new.bias = torch.nn.Parameter(child.bias.data.detach().clone(), requires_grad=False)
             setattr(parent, cname, new.to(device))
@@ -86,6 +93,10 @@ class Quant8(Attack):
     description: ClassVar[str] = "8-bit LLM.int8 weights of the linear layers (bitsandbytes)"
     threshold: float = 6.0
 
+    def check(self) -> None:
+        if self.threshold < 0:
+            raise HarnessError(f"attack 'quant8': threshold must be >= 0 (0: no outlier columns), got {self.threshold}")
+
     def apply(self, inp: AttackInput) -> Attacked:
         # logged at every forward of a float32 model; the cast to float16 is part of the LLM.int8 scheme
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -102,9 +113,15 @@ class Quant4(Attack):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     block_size: int = 64
 
-    def apply(self, inp: AttackInput) -> Attacked:
+    def check(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
             raise HarnessError(f"attack 'quant4': quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise HarnessError(f"attack 'quant4': block_size must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                               f"(bitsandbytes' blocks), got {self.block_size}")
+
+    def apply(self, inp: AttackInput) -> Attacked:
+        self.check()
         q, n, v, kept = quantize_linear(inp.model, 4, quant_type=self.quant_type, block_size=self.block_size)
         return Attacked(q, _scheme(v, n, kept, next(q.parameters()).device, bits=4, scheme=self.quant_type,
                                    group_size=self.block_size, weight_only=True))

@@ -42,6 +42,15 @@ class Relearn(Attack):
     batch_size: int = 4
     lr: float | None = None     # None: the run's training learning rate (task, then model profile)
 
+    def check(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise HarnessError(f"attack 'relearn': fraction must be between 0 and 1 (exclusive), got {self.fraction}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise HarnessError(f"attack 'relearn': {key} must be at least 1, got {getattr(self, key)}")
+        if self.lr is not None and self.lr <= 0:
+            raise HarnessError(f"attack 'relearn': lr must be positive, got {self.lr}")
+
     def apply(self, inp: AttackInput) -> Attacked:
         from harness.data.encode import encode_qa
         from harness.data.splits import load_split

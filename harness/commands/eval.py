@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.attacks import build_attacks, describe
+from harness.attacks import build_attacks, describe, parse_settings
 from harness.io import config_hash
 from harness.models.load import check_checkpoint, load_model, load_tokenizer
 from harness.models.profiles import check_reference_placeholder, device, finalize_template, resolve_model
@@ -121,7 +121,13 @@ def _report_existing(name: str, out: Path) -> None:
 
 def attack_config(opts: ModelOptions, registry) -> dict:
     """``--attacks`` as it enters the run hash: name -> version and settings (did-you-mean on a typo)."""
-    return {a.name: describe(a) for a in build_attacks(attack_names(opts), registry)}
+    return {a.name: describe(a) for a in attacks_of(opts, registry)}
+
+
+def attacks_of(opts: ModelOptions, registry) -> list:
+    """The ``--attacks`` with their ``--attack-set`` settings, built and checked."""
+    names = attack_names(opts)
+    return build_attacks(names, registry, parse_settings(list(opts.attack_set or []), names, registry))
 
 
 def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *, out_dir: Path, dtype: str,
@@ -132,7 +138,7 @@ def score_model(task, model, tokenizer, template, choice, opts: ModelOptions, *,
     ``trained``: the model was unlearned by ``harness run`` (``model_path``: where ``--save-model`` saved it);
     the lm-eval results file names it so."""
     reg = registry or get_registry()
-    attacks = build_attacks(attack_names(opts), reg)
+    attacks = attacks_of(opts, reg)
     scores = evaluate_task(task, model, tokenizer, template, reference=choice.reference, out_dir=out_dir,
                            batch_size=opts.eval_batch_size, limit=opts.limit, attention_mask=opts.attention_mask,
                            registry=registry, data_dir=opts.data_dir, model_label=choice.label,

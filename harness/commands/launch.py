@@ -3,22 +3,25 @@
 Each array task runs ``harness run <the same flags> --cell <model>/<task>/<method>/<hash8>-s<seed>`` in a
 subprocess, so a cell in a job behaves exactly as one run by hand: it claims its run directory (the
 lock still guards it against a second job or a user), scores its task's Finetuned row if nobody has yet,
-and with ``--accelerate`` relaunches itself under ``accelerate launch`` inside the allocation. Before
-submitting, done and running cells are left out, so rerunning the same command submits only the missing
-and failed ones. ``local`` runs the same path through submitit's LocalExecutor and waits for it."""
+and with ``--accelerate`` relaunches itself under ``accelerate launch`` inside the allocation. Each
+submitted Slurm cell gets a queued marker naming its array task; ``harness status`` shows it queued until
+it starts, asking ``sacct`` (through submitit) whether the job ended without starting it. Before
+submitting, done, running and queued cells are left out, so rerunning the same command submits only the
+missing and failed ones. ``local`` runs the same path through submitit's LocalExecutor and waits for it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from harness import HarnessError
 from harness.commands import job
-from harness.options import RunOptions, slurm_minutes
+from harness.options import RunOptions, slurm_mem, slurm_minutes
 from harness.plugins import one_line
-from harness.results.state import STATES, launch_dir, read_failure, record_grid, state
+from harness.results.state import STATES, cell_state, launch_dir, read_failure, record_grid, write_queued
 
 
 def submit(rels: list[str], opts: RunOptions) -> int:
@@ -27,9 +30,11 @@ def submit(rels: list[str], opts: RunOptions) -> int:
     output = Path(opts.output)
     argv = opts.launch_argv()
     record_grid(output, rels, ["harness", "run", *argv, f"--launcher={opts.launcher}"])
-    states = {r: state(output / r) for r in rels}
+    job_state = slurm_job_state()
+    states = {r: cell_state(output, r, job_state)[0] for r in rels}
     counts = {s: sum(v == s for v in states.values()) for s in STATES}
-    todo = [r for r in rels if states[r] != "running" and (opts.overwrite or states[r] in ("missing", "failed"))]
+    todo = [r for r in rels if states[r] not in ("running", "queued")
+            and (opts.overwrite or states[r] in ("missing", "failed"))]
     print(f"{len(rels)} cell(s): " + ", ".join(f"{counts[s]} {s}" for s in STATES) + f"; submitting {len(todo)}")
     if not todo:
         print(f"nothing to submit (harness status {output})")
@@ -37,6 +42,8 @@ def submit(rels: list[str], opts: RunOptions) -> int:
     executor = _executor(opts, output)
     if opts.launcher == "slurm":
         jobs = _map(executor, argv, todo, output)
+        for rel, j in zip(todo, jobs):
+            write_queued(output, rel, str(j.job_id), str(executor.folder))
         array = str(jobs[0].job_id).split("_")[0]
         print(f"submitted Slurm job array {array}: {len(jobs)} task(s); submitit files in {executor.folder.parent}")
         print(f"follow it with: harness status {output}   (rerun this command to resubmit missing/failed cells)")
@@ -46,6 +53,29 @@ def submit(rels: list[str], opts: RunOptions) -> int:
         fail = read_failure(output / r) or {}
         print(f"failed: {r}: {fail.get('error', '?')} (log: {fail.get('log', '?')})")
     return 1 if failures else 0
+
+
+def slurm_job_state():
+    """For ``cell_state``: a queued cell's Slurm job state through submitit's sacct watcher, one sacct call
+    per job array ("" where there is no sacct to ask, e.g. away from the cluster)."""
+    if shutil.which("sacct") is None:
+        return lambda marker: ""
+    import submitit
+
+    watcher, asked = submitit.SlurmJob.watcher, set()
+
+    def job_state(marker: dict) -> str:
+        job_id = str(marker.get("job_id") or "")
+        if not job_id:
+            return ""
+        watcher.register_job(job_id)
+        if job_id.split("_")[0] not in asked:  # sacct -j ARRAY answers for all its tasks
+            asked.add(job_id.split("_")[0])
+            watcher.update()
+        state = watcher.get_state(job_id, mode="cache")
+        return "" if state == "UNKNOWN" else state
+
+    return job_state
 
 
 def _map(executor, argv: list[str], cells: list[str], output: Path) -> list:
@@ -98,7 +128,8 @@ def _executor(opts: RunOptions, output: Path):
                                "(or test the same path with --launcher local)") from None
         params = {"job_name": "harness-run", "time": minutes, "nodes": 1, "ntasks_per_node": 1,
                   "gpus_per_node": opts.slurm_gpus_per_node, "partition": opts.slurm_partition,
-                  "array_parallelism": opts.slurm_array_parallelism, "setup": opts.slurm_setup or None}
+                  "array_parallelism": opts.slurm_array_parallelism, "setup": opts.slurm_setup or None,
+                  "mem": slurm_mem(opts.slurm_mem), "cpus_per_task": opts.slurm_cpus_per_task}
     else:
         executor = submitit.LocalExecutor(folder=folder)
         params = {"timeout_min": minutes, "gpus_per_node": opts.slurm_gpus_per_node or 0,

@@ -79,7 +79,10 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
     from harness.training import TrainConfig
 
     method_training = task.method_defaults(method)[1] if method else {}
-    cfg = {**task.training, **method_training, **choice.training}
+    # an adapter run takes the profile's peft_training over its training (a LoRA update starts at zero and
+    # wants a larger learning rate; the tiny profile's)
+    profile = {**choice.training, **(choice.peft_training if peft is not None else {})}
+    cfg = {**task.training, **method_training, **profile}
     given = {flag: getattr(opts, flag) for flag in TRAIN_FLAGS if flag not in ("lr", "epochs")}
     given.update(point or {})
     flags = {TRAIN_FLAGS[flag]: v for flag, v in given.items() if v is not None}
@@ -99,7 +102,7 @@ def training_config(task: Task, choice: ModelChoice, opts: RunOptions, seed: int
         if isinstance(value, float) and not math.isfinite(value):
             flag = key.replace("_", "-")
             where = (f"--{flag}" if key in flags
-                     else f"model profile '{choice.profile}'" if key in choice.training else f"{task.file}")
+                     else f"model profile '{choice.profile}'" if key in profile else f"{task.file}")
             raise HarnessError(f"training.{key} must be a finite number, got {value} (from {where})")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(cfg) - known
@@ -370,6 +373,14 @@ def print_grid(cells: list[Cell]) -> None:
         print("    " + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=True, width=1_000_000).strip())
 
 
+def print_tables(rows: list[tuple[str, str, int, dict]]) -> None:
+    print(summary_table(rows))
+    attacked = attack_table(rows)
+    if attacked:
+        print()
+        print(attacked)
+
+
 def summary_table(rows: list[tuple[str, str, int, dict]]) -> str:
     cols: list[str] = []
     for *_, sc in rows:
@@ -437,9 +448,10 @@ def main(opts: RunOptions) -> int:
         from harness.commands.launch import submit
 
         rc = submit([rel(c, opts.output) for c in cells], opts)
-        rows = [(c.task.name, c.method_name, c.seed, read_scores(c.dir)) for c in cells if is_complete(c.dir)]
+        names = sweep.row_names(cells)
+        rows = [(c.task.name, names[id(c)], c.seed, read_scores(c.dir)) for c in cells if is_complete(c.dir)]
         if rows and opts.launcher == "local":
-            print(summary_table(rows))
+            print_tables(rows)
         return rc
     if not opts.cell and is_main_process():  # a launched cell's grid was recorded when it was submitted
         record_grid(opts.output, [rel(c, opts.output) for c in cells], ["harness", "run", *opts.launch_argv()])
@@ -451,6 +463,7 @@ def main(opts: RunOptions) -> int:
         log.warning(note)
     rows = []
     done_tasks = set()
+    names = sweep.row_names(cells)
     for cell in cells:
         if cell.task.name not in done_tasks:  # every rank: the baseline is scored in shards too
             done_tasks.add(cell.task.name)
@@ -466,16 +479,12 @@ def main(opts: RunOptions) -> int:
                             "saved; pass --overwrite to retrain it and save the model", cell.task.name,
                             cell.method_name, cell.seed)
         if scores is not None:
-            rows.append((cell.task.name, cell.method_name, cell.seed, scores))
+            rows.append((cell.task.name, names[id(cell)], cell.seed, scores))
             if (opts.save_model or opts.push_to_hub) and is_main_process():
                 share_cell(cell, opts, scores)
     if rows and is_main_process():
         print()
-        print(summary_table(rows))
-        attacked = attack_table(rows)
-        if attacked:
-            print()
-            print(attacked)
+        print_tables(rows)
     if opts.accelerate and opts.accelerate != "single":
         distributed.clean_exit(0)
     return 0

@@ -85,6 +85,22 @@ def swept(grid: list[Axis]) -> set[str]:
     return {a.key for a in grid if len(a.values) > 1}
 
 
+def row_names(cells: list) -> dict[int, str]:
+    """id(cell) -> its method, with the sweep values that tell it from the task's other cells of that
+    method (``npo {lr=0.001, npo.beta=0.1}``), so the printed rows of a sweep can be told apart."""
+    groups: dict[tuple[str, str], list] = {}
+    for c in cells:
+        groups.setdefault((c.task.name, c.method_name), []).append(c)
+    out = {}
+    for group in groups.values():
+        keys = [k for k in dict.fromkeys(k for c in group for k in c.point)
+                if len({repr(c.point.get(k)) for c in group}) > 1]
+        for c in group:
+            text = "{" + ", ".join(f"{k}={c.point.get(k)}" for k in keys) + "}"
+            out[id(c)] = c.method_name + (f" {text}" if keys else "")
+    return out
+
+
 def training_part(point: dict) -> dict:
     return {k: v for k, v in point.items() if "." not in k}
 

@@ -22,7 +22,7 @@ from harness.training.adapters import adapter_base
 
 log = logging.getLogger("harness")
 
-PROFILE_KEYS = ("description", "tokenizer", "dtype", "template", "training", "methods", "tasks")
+PROFILE_KEYS = ("description", "tokenizer", "dtype", "template", "training", "peft_training", "methods", "tasks")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Profile:
     dtype: str = "bfloat16"
     template: Template = field(default_factory=Template)
     training: dict = field(default_factory=dict)
+    peft_training: dict = field(default_factory=dict)  # over ``training`` when the run trains an adapter (--peft)
     # method -> hyper-parameters this architecture needs (RMU's layer on a 2-layer tiny model); over the task's
     methods: dict[str, dict] = field(default_factory=dict)
     tasks: dict[str, dict] = field(default_factory=dict)
@@ -50,9 +51,19 @@ def get_profiles() -> dict[str, Profile]:
         out[name] = Profile(name=name, description=d.get("description", ""), tokenizer=d.get("tokenizer"),
                             dtype=d.get("dtype", "bfloat16"),
                             template=Template.from_dict(d.get("template"), source=f"registry.yaml models.{name}.template"),
-                            training=dict(d.get("training") or {}), methods=_methods(name, d.get("methods")),
+                            training=dict(d.get("training") or {}),
+                            peft_training=_mapping(name, "peft_training", d.get("peft_training")),
+                            methods=_methods(name, d.get("methods")),
                             tasks=dict(d.get("tasks") or {}))
     return out
+
+
+def _mapping(profile: str, key: str, raw) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise HarnessError(f"registry.yaml: models.{profile}.{key}: expected a mapping of training keys, e.g. {{lr: 5.0e-3}}")
+    return dict(raw)
 
 
 def _methods(profile: str, raw) -> dict[str, dict]:
@@ -74,6 +85,7 @@ class ModelChoice:
     dtype: str
     reference: str | None       # *_EVAL.json / *_SUMMARY.json log, or a retain model id/dir
     training: dict = field(default_factory=dict)
+    peft_training: dict = field(default_factory=dict)  # the profile's training values for adapter runs
     methods: dict = field(default_factory=dict)  # method -> hyper-parameters from the profile
     profile: str | None = None
     # set when the reference was taken from the task's default profile for a checkpoint without one:
@@ -184,6 +196,7 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                            template=template or prof.template, dtype=prof.dtype,
                            reference=format_reference(ref, task) if ref else None,
                            training={**prof.training, **(entry.get("training") or {})}, profile=model,
+                           peft_training=dict(prof.peft_training),
                            methods=prof.methods,
                            data=_entry_data(model, task, entry), note=entry.get("note"), template_file=template_file)
     if model.startswith("tiny:"):
@@ -191,6 +204,7 @@ def resolve_model(model: str | None, task: Task, *, template_file: str | None = 
                            template=template or get_profiles()["tiny"].template, dtype="float32",
                            reference=format_reference(reference, task) if reference else task.reference,
                            training=dict(profiles["tiny"].training), methods=profiles["tiny"].methods,
+                           peft_training=dict(profiles["tiny"].peft_training),
                            template_file=template_file)
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().exists():
