@@ -46,6 +46,25 @@ def tiny_retain99_dir():
     return tiny_model_dir("retain99")
 
 
+def run_two_processes(script, out_dir, mode: str, *args, timeout: int = 400) -> list[dict]:
+    """Run a test file as a 2-process ``accelerate launch`` job (``mode``: ddp or zero3) with
+    ``out_dir`` and ``args`` as its arguments; returns each rank's ``rank<N>.json`` from ``out_dir``."""
+    import json
+    import subprocess
+
+    from harness.training.distributed import launch_command
+
+    script = Path(script).resolve()
+    argv = [str(out_dir), *map(str, args)]
+    cmd, env = launch_command(argv, mode, num_processes=2, module="harness")
+    i = cmd.index("-m", 3)  # run the test file instead of the harness module
+    cmd = [*cmd[:i], str(script), *argv]
+    env["PYTHONPATH"] = os.pathsep.join([str(script.parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 def run_cli(*argv, check=True):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     import contextlib

@@ -7,7 +7,6 @@ Run as a script this file is the worker: each rank unlearns with a ``PeriodicEva
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,17 +51,11 @@ def worker(out: Path, mode: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_keep_best_two_processes(mode, tmp_path):
-    from harness.io import read_jsonl
-    from harness.training.distributed import launch_command
+    from conftest import run_two_processes
 
-    script = Path(__file__).resolve()
-    cmd, env = launch_command([str(tmp_path), mode], mode, num_processes=2, module="harness")
-    i = cmd.index("-m", 3)  # run this file instead of the harness module
-    cmd = [*cmd[:i], str(script), str(tmp_path), mode]
-    env["PYTHONPATH"] = os.pathsep.join([str(script.parent.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    from harness.io import read_jsonl
+
+    ranks = run_two_processes(__file__, tmp_path, mode, mode)
     # 4 forget rows, 2 per step (one per rank): 2 steps; scored at 0, 1, 2 on both ranks
     assert [len(r["sums"]) for r in ranks] == [3, 3]
     assert ranks[0]["sums"] == ranks[1]["sums"] and ranks[0]["nlls"] == ranks[1]["nlls"]  # the same model

@@ -7,7 +7,6 @@ through ``clean_exit``.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,16 +48,9 @@ def worker(out: Path, mode: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_lora_two_processes(mode, tmp_path):
-    from harness.training.distributed import launch_command
+    from conftest import run_two_processes
 
-    script = Path(__file__).resolve()
-    cmd, env = launch_command([str(tmp_path), mode], mode, num_processes=2, module="harness")
-    i = cmd.index("-m", 3)  # run this file instead of the harness module
-    cmd = [*cmd[:i], str(script), str(tmp_path), mode]
-    env["PYTHONPATH"] = os.pathsep.join([str(script.parent.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_processes(__file__, tmp_path, mode, mode)
     assert [r["world"] for r in ranks] == [2, 2]
     for name in ("npo", "idk_dpo"):
         a, b = ranks[0][name], ranks[1][name]

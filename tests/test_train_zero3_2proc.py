@@ -6,7 +6,6 @@ consolidated weights, and exits through ``clean_exit``.
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +59,11 @@ def worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_npo_zero3_two_processes(tmp_path):
-    from harness.io import read_jsonl
-    from harness.training.distributed import launch_command
+    from conftest import run_two_processes
 
-    script = Path(__file__).resolve()
-    cmd, env = launch_command([str(tmp_path)], "zero3", num_processes=2, module="harness")
-    i = cmd.index("-m", 3)  # run this file instead of the harness module
-    cmd = [*cmd[:i], str(script), str(tmp_path)]
-    env["PYTHONPATH"] = os.pathsep.join([str(script.parent.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    from harness.io import read_jsonl
+
+    ranks = run_two_processes(__file__, tmp_path, "zero3", timeout=300)
     assert [r["world"] for r in ranks] == [2, 2]
     # each rank drew its own retain partners from its own generator
     assert ranks[0]["seen"] != ranks[1]["seen"]

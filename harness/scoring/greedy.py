@@ -85,7 +85,8 @@ def greedy_dropping(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, 
         if step == max_new_tokens - 1:
             break
         if done:
-            live = [j for j in range(len(rows)) if j not in set(done)]
+            finished = set(done)
+            live = [j for j in range(len(rows)) if j not in finished]
             if not live:
                 break
             sel = torch.tensor(live, device=dev)
