@@ -94,6 +94,29 @@ def test_eval_on_other_data_is_a_new_run(env):
     assert fp["metrics"] == {"forget_Q_A_Prob": 1}
 
 
+def test_no_shared_prefix_is_a_cell_of_its_own(env):
+    """--no-shared-prefix rounds option sets differently: `eval` and `run` give it its own folder, and the
+    default keeps the hash it had before the flag entered the identity."""
+    evaluate(env, "--model", "tiny:full")
+    assert "results exist" in evaluate(env, "--model", "tiny:full")
+    assert "results exist" not in evaluate(env, "--model", "tiny:full", "--no-shared-prefix")
+    (d1, d2) = runs(env, "tiny_full", "eval")
+    evals = sorted(yaml.safe_load((d / "config.yaml").read_text())["eval"].get("shared_prefix", True) for d in (d1, d2))
+    assert evals == [False, True]
+    from harness.commands.run import expand
+    from harness.options import RunOptions
+
+    reg = plugins.build_registry(include_tasks=[str(env / "tasks")], strict=True)
+    names = {}
+    for on in (True, False):
+        opts = RunOptions(tasks="t7_id", methods="npo", model="tiny:full", include_tasks=[str(env / "tasks")],
+                          shared_prefix=on)
+        (cell,) = expand(opts, reg)
+        names[on] = cell.dir.name
+        assert ("shared_prefix" in cell.config["eval"]) is not on
+    assert names[True] != names[False]
+
+
 def test_checkpoint_rewritten_in_place_is_a_new_run(env, tiny_full_dir, tiny_retain99_dir):
     ckpt = env / "ckpt"
     shutil.copytree(tiny_full_dir, ckpt)

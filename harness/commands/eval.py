@@ -68,8 +68,7 @@ def score_tasks(opts: EvalOptions) -> dict[str, Path]:
         model, tok, dtype = loaded[key]
         template = finalize_template(choice, tok)
         config = {"task": task.to_config(), "model": choice.to_config(), "template": template_dict(template),
-                  "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
-                           "limit": opts.limit, "dtype": dtype, "max_length": opts.max_length},
+                  "eval": {**scoring_config(opts), "limit": opts.limit, "dtype": dtype},
                   "fingerprints": fingerprints}
         if attacks:  # only then: runs without attacks keep their hashes
             config["attacks"] = {"attacks": attacks, "task": task.attack.to_dict()}
@@ -117,6 +116,15 @@ def _report_existing(name: str, out: Path) -> None:
         return
     print(f"{name}: results exist in {out} (use --overwrite to recompute)")
     _print_existing(out)
+
+
+def scoring_config(opts) -> dict:
+    """The scoring settings that enter the run hash (``run`` and ``eval``). ``--no-shared-prefix`` rounds the
+    option sets differently (within 2e-7), so it gets cells of its own; the default keeps the older hashes."""
+    out = {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask, "max_length": opts.max_length}
+    if not opts.shared_prefix:
+        out["shared_prefix"] = False
+    return out
 
 
 def attack_config(opts: ModelOptions, registry) -> dict:

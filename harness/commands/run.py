@@ -123,7 +123,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
         seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     except ValueError:
         raise HarnessError(f"--seeds {opts.seeds!r}: expected comma separated integers") from None
-    from harness.commands.eval import attack_config
+    from harness.commands.eval import attack_config, scoring_config
     from harness.data.corpus import is_tiny_model, resolve_task_data
     from harness.results.identity import check_inputs, identity_config
     from harness.scoring.attacked import check_attack_metrics
@@ -156,8 +156,7 @@ def expand(opts: RunOptions, reg) -> list[Cell]:
                 config = {"task": task.to_config(), "model": choice.to_config(),
                           "method": {"name": mname, "params": dataclasses.asdict(method)},
                           "training": {k: v for k, v in train.items() if k != "accelerate"},
-                          "eval": {"batch_size": opts.eval_batch_size, "attention_mask": opts.attention_mask,
-                                   "max_length": opts.max_length},
+                          "eval": scoring_config(opts),
                           "limit": opts.limit, "seed": seed, "data_dir": opts.data_dir,
                           "data_sources": sources, "fingerprints": fingerprints}
                 if attacks:  # only then: runs without attacks keep their hashes
