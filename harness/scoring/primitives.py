@@ -88,24 +88,38 @@ def _order(items, sort: bool) -> list[int]:
 ATTENTION_CELLS = 2 ** 24
 
 
-def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None, budget: int | None = None):
+def _batches(order: list[int], batch_size: int, lengths: list[int] | None = None, budget: int | None = None,
+             square: list[int] | None = None):
     """Consecutive batches of ``order``: ``batch_size`` rows, or with ``budget`` as many rows as fit in
-    ``budget`` positions (at least ``batch_size``), cut so rows x positions^2 stays under ATTENTION_CELLS."""
+    ``budget`` positions (at least ``batch_size``), cut so rows x positions^2 stays under ATTENTION_CELLS.
+    ``square``: the positions that attend to each other all at once when they differ from ``lengths``
+    (a generation's prompt: its new tokens attend one at a time)."""
+    square = square if square is not None else lengths
     cur: list[int] = []
-    width = 0
+    width = sq = 0
     for i in order:
         w = max(width, lengths[i]) if lengths is not None else 0
+        q = max(sq, square[i]) if square is not None else 0
         cap = max(batch_size, budget // max(w, 1)) if budget else batch_size
-        if cur and (len(cur) >= cap or (len(cur) + 1) * w * w > ATTENTION_CELLS):
+        if cur and (len(cur) >= cap or (len(cur) + 1) * q * q > ATTENTION_CELLS):
             yield cur
-            cur, w = [], (lengths[i] if lengths is not None else 0)
+            cur = []
+            w, q = (lengths[i], square[i]) if lengths is not None else (0, 0)
         cur.append(i)
-        width = w
+        width, sq = w, q
     if cur:
         yield cur
 
 
-ROW_CHUNK = 2048  # vocabulary rows per log-softmax block: bounds memory for 128k-token vocabularies
+# vocabulary cells (rows x V) per block of the lm head and log-softmax: on CPU a block that stays in cache
+# between the head's matmul and the log-softmax reading it (head + log-softmax + gather of 2048 rows of the
+# tiny model's 4096 words: 57-61 ms in one block, 36-41 ms in blocks of 512 rows, the same values); on a GPU
+# blocks large enough to keep the kernels busy, still bounded for 128k-word vocabularies
+ROW_CELLS = {"cpu": 2 ** 21, "cuda": 2 ** 26}
+
+
+def _row_chunk(vocab: int, device: torch.device) -> int:
+    return max(16, ROW_CELLS.get(device.type, ROW_CELLS["cuda"]) // max(vocab, 1))
 
 
 def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *, need: str = "z",
@@ -115,7 +129,7 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *
     Row t predicts token t+1. P1 uses the rows whose next label is not -100, summed and divided
     by the number of labels (counted on the unshifted labels). P2/P3 use the rows start-1..end-1
     where start/end are the first/last labelled positions once the final label is dropped.
-    Only those rows go through the fp32 log-softmax, in blocks of ROW_CHUNK; ``need`` (``NEEDS``)
+    Only those rows go through the fp32 log-softmax, in blocks of ``_row_chunk`` rows; ``need`` (``NEEDS``)
     says which fields are computed (the rest are None); ``logprobs``: ``logits`` are already the
     fp32 log-softmax (the same values row by row: the kernel works per row). With ``head`` (the lm
     head), ``logits`` are the final hidden states and only the rows read go through the head.
@@ -134,9 +148,9 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *
     p1 = labels[:, 1:] != IGNORE                                           # (B, T-1)
     p2 = (rows >= start[:, None] - 1) & (rows <= end[:, None] - 1)
     need_rows = p1 | p2 if level else p1                                   # p2-only rows add 0.0 to a sum
-    sel = logits[:, :-1][need_rows]                                        # (N, V), row-major (b, t)
-    if head is not None:
-        sel = head(sel)
+    sel = logits[:, :-1][need_rows]                      # (N, V) rows, or (N, hidden) with ``head``; row-major (b, t)
+    vocab = (getattr(head, "out_features", None) or head.weight.shape[0]) if head is not None else sel.shape[-1]
+    chunk = _row_chunk(vocab, dev)
     lab_next = labels[:, 1:][need_rows]
     id_next = ids[:, 1:][need_rows]
     is_p1, is_p2 = p1[need_rows], p2[need_rows]
@@ -147,9 +161,10 @@ def batch_stats(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *
         hit = torch.empty(N, dtype=torch.bool, device=dev)
     if level > 1:
         z = torch.empty(N, device=dev)
-    for a in range(0, N, ROW_CHUNK):
-        b = a + ROW_CHUNK
-        r = sel[a:b] if logprobs else sel[a:b].float().log_softmax(-1)
+    for a in range(0, N, chunk):
+        b = a + chunk
+        x = sel[a:b] if head is None else head(sel[a:b])
+        r = x if logprobs else x.float().log_softmax(-1)
         ln = lab_next[a:b]
         nll[a:b] = torch.where(is_p1[a:b], -r.gather(-1, ln.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
         if not level:
@@ -388,9 +403,10 @@ def generate(model, tokenizer, items: list[dict], *, batch_size: int = EVAL_BATC
     from harness.scoring.greedy import greedy_dropping, plain_greedy
 
     fast = drop_finished and plain_greedy(model)
-    lengths = [len(it["input_ids"]) + max_new_tokens for it in items]
+    prompts = [len(it["input_ids"]) for it in items]
+    lengths = [n + max_new_tokens for n in prompts]
     budget = _kv_budget(model, budget) if budget else None
-    for chunk in _batches(_order(items, sort), batch_size, lengths, budget):
+    for chunk in _batches(_order(items, sort), batch_size, lengths, budget, square=prompts if budget else None):
         batch = collate([items[i] for i in chunk], pad_id, side="left", mask=mask)
         ids = batch["input_ids"].to(dev)
         if fast:
